@@ -1,0 +1,116 @@
+"""VLMConfig: a vision encoder config, a causal LM config, and the few fields that join them."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .projectors import PROJECTORS, ProjectorType
+
+
+# Vision model types whose patch sequence starts with a CLS token.
+CLS_TOKEN_MODEL_TYPES = ("clip_vision_model", "vit", "dinov2")
+
+
+@strict
+class VLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`VLMForConditionalGeneration`]: image -> vision tower -> projector -> image tokens in
+    the language model's embedding space -> language model -> text.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`): any vision encoder that `AutoModel` builds, e.g.
+            `siglip_vision_model`, `clip_vision_model`, or `timm_wrapper` for a timm CNN.
+        text_config (`dict` or `PreTrainedConfig`): any causal LM that `AutoModel` builds, e.g. `llama`, `qwen2`.
+        projector_type (`str`): one of `PROJECTORS`: `linear`, `mlp`, `pixel_shuffle`, `c_abstractor`, `resampler`.
+        image_token_id (`int`): the token id whose positions receive the image features.
+        vision_feature_layer (`int`, `list[int]` or `None`): which hidden states of the vision tower feed the
+            projector; a list is concatenated on channels. `None` takes the tower's `last_hidden_state` (for a
+            timm CNN, its final feature map).
+        drop_cls_token (`bool`, *optional*): drop the leading CLS token. Defaults to whether the vision model type
+            has one (`CLS_TOKEN_MODEL_TYPES`).
+        pixel_shuffle_factor (`int`): r for `pixel_shuffle`; r=2 gives 4x fewer image tokens.
+        projector_num_tokens (`int`): M, the number of tokens `c_abstractor` (a square) and `resampler` emit.
+        image_size (`int`, *optional*): input side in pixels; read from the vision config when it has one.
+        vision_grid_size (`int`, *optional*): side of the patch grid the tower emits; `image_size // patch_size`
+            when the vision config has a patch size.
+        vision_hidden_size (`int`, *optional*): channels of one selected feature map; the vision config's
+            `hidden_size` when it has one. `timm_wrapper` configs carry none of these three, so they must be
+            given (`hf_vlm.build_vlm` measures them with one dummy forward).
+        image_seq_length (`int`, *optional*): image tokens per image. Derived from the above; a given value must
+            agree with the derived one.
+
+    Example:
+
+    ```python
+    >>> from transformers import LlamaConfig, SiglipVisionConfig
+    >>> from hf_vlm import VLMConfig
+    >>> config = VLMConfig(vision_config=SiglipVisionConfig(image_size=224, patch_size=16),
+    ...                    text_config=LlamaConfig(), projector_type="pixel_shuffle", image_token_id=32000)
+    >>> config.image_seq_length  # (224 / 16 / 2) ** 2
+    49
+    ```
+    """
+
+    model_type = "hf_vlm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    projector_type: ProjectorType = "mlp"
+    image_token_id: int | None = None
+    vision_feature_layer: int | list[int] | None = None
+    drop_cls_token: bool | None = None
+    pixel_shuffle_factor: int = 2
+    projector_num_tokens: int = 64
+    image_size: int | None = None
+    vision_grid_size: int | None = None
+    vision_hidden_size: int | None = None
+    image_seq_length: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The tie flag lives in the text config of most LMs; lift it so `PreTrainedModel` ties lm_head.
+        self.tie_word_embeddings = self.tie_word_embeddings or bool(self.text_config.tie_word_embeddings)
+
+        vision = self.vision_config
+        if self.drop_cls_token is None:
+            self.drop_cls_token = self.vision_has_cls_token
+        if self.image_size is None:
+            self.image_size = getattr(vision, "image_size", None)
+        if self.vision_grid_size is None and self.image_size and getattr(vision, "patch_size", None):
+            self.vision_grid_size = self.image_size // vision.patch_size
+        if self.vision_hidden_size is None:
+            self.vision_hidden_size = getattr(vision, "hidden_size", None)
+        missing = [name for name in ("image_size", "vision_grid_size", "vision_hidden_size") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(
+                f"The {vision.model_type!r} vision config does not say {', '.join(missing)}: pass them to VLMConfig "
+                "(hf_vlm.build_vlm measures them from the vision model)."
+            )
+
+        num_patches = self.vision_grid_size**2 + (1 if self.vision_has_cls_token and not self.drop_cls_token else 0)
+        seq_length = PROJECTORS[self.projector_type].num_tokens(self, num_patches)
+        if self.image_seq_length is not None and self.image_seq_length != seq_length:
+            raise ValueError(
+                f"image_seq_length={self.image_seq_length} disagrees with the {seq_length} image tokens that the "
+                f"{self.projector_type!r} projector makes from {num_patches} patches; leave it unset to derive it."
+            )
+        self.image_seq_length = seq_length
+
+    @property
+    def vision_has_cls_token(self) -> bool:
+        return self.vision_config.model_type in CLS_TOKEN_MODEL_TYPES
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: options that the derived fields do not already check."""
+        if self.drop_cls_token and not self.vision_has_cls_token:
+            raise ValueError(f"drop_cls_token=True, but {self.vision_config.model_type!r} emits no CLS token.")
+        if self.pixel_shuffle_factor < 1 or self.projector_num_tokens < 1:
+            raise ValueError("pixel_shuffle_factor and projector_num_tokens must be positive.")
+
+
+__all__ = ["VLMConfig"]

@@ -1,0 +1,218 @@
+import math
+
+import pytest
+import torch
+from conftest import IMAGE_SIZE, IMAGE_TOKEN_ID, TEXT_CONFIGS, image_prompt, tiny_config, tiny_model
+from huggingface_hub.errors import StrictDataclassFieldValidationError
+from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
+
+from hf_vlm import PROJECTORS, VLMForConditionalGeneration
+
+
+def pixels(n: int, size: int = IMAGE_SIZE) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))
+
+
+@pytest.mark.parametrize("projector", list(PROJECTORS))
+@pytest.mark.parametrize("vision", ["siglip", "clip", "timm"])
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+def test_every_projector_and_backbone_gives_finite_loss(projector, vision, text):
+    """Every projector on SigLIP, CLIP and timm towers with Llama and Qwen2 LMs: finite loss, image_seq_length tokens per image."""
+    model = tiny_model(vision, text, projector_type=projector)
+    config = model.config
+    images = pixels(2)
+    features = model.get_image_features(images).pooler_output
+    assert [f.shape for f in features] == [(config.image_seq_length, 32)] * 2
+
+    ids = torch.tensor([image_prompt(config, num_images=2)])
+    loss = model(input_ids=ids, pixel_values=images, labels=ids).loss
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (dict(projector_type="mlp"), 16),  # 16 px / 4 px patches -> 4x4 grid
+        (dict(projector_type="pixel_shuffle", pixel_shuffle_factor=2), 4),
+        (dict(projector_type="pixel_shuffle", pixel_shuffle_factor=4), 1),
+        (dict(projector_type="resampler", projector_num_tokens=9), 9),
+        (dict(projector_type="c_abstractor", projector_num_tokens=9), 9),
+        (dict(projector_type="mlp", vision_feature_layer=[-1, -2]), 16),
+    ],
+)
+def test_image_seq_length_is_derived(overrides, expected):
+    """image_seq_length follows from the vision geometry and the projector."""
+    assert tiny_config(**overrides).image_seq_length == expected
+
+
+def test_clip_cls_token_is_dropped_by_default_and_kept_on_request():
+    """CLIP's CLS token is dropped by default; keeping it adds one token for per-patch projectors."""
+    assert tiny_config("clip").image_seq_length == 16
+    assert tiny_config("clip", drop_cls_token=False).image_seq_length == 17
+    with pytest.raises(ValueError, match="square grid"):
+        tiny_config("clip", drop_cls_token=False, projector_type="pixel_shuffle")
+
+
+def test_bad_config_options_are_rejected():
+    """An unknown projector lists the valid names; impossible geometry says what is wrong."""
+    with pytest.raises(StrictDataclassFieldValidationError) as error:
+        tiny_config(projector_type="qformer")
+    assert all(name in str(error.value) for name in PROJECTORS)
+    with pytest.raises(ValueError, match="must divide"):
+        tiny_config(projector_type="pixel_shuffle", pixel_shuffle_factor=3)
+    with pytest.raises(ValueError, match="image_seq_length=5 disagrees"):
+        tiny_config(image_seq_length=5)
+    with pytest.raises(ValueError, match="vision_grid_size"):
+        tiny_config("timm", vision_grid_size=None, image_size=None)
+
+
+def test_token_count_mismatch_names_both_counts(model):
+    """Too few image tokens for the images raise a ValueError naming both counts."""
+    ids = torch.tensor([image_prompt(model.config)[:-5]])  # cuts 2 image tokens
+    with pytest.raises(ValueError, match=r"Image features and image tokens do not match: the text has 14 image tokens, the images give 16"):
+        model(input_ids=ids, pixel_values=pixels(1))
+    ids = torch.tensor([image_prompt(model.config)])
+    with pytest.raises(ValueError, match=r"has 16 image tokens, the images give 32"):
+        model(input_ids=ids, pixel_values=pixels(2))
+
+
+def test_bad_pixel_values_name_expected_and_actual(model):
+    """Wrong channels or size in pixel_values raise a ValueError naming both."""
+    ids = torch.tensor([image_prompt(model.config)])
+    with pytest.raises(ValueError, match=r"\(num_images, 3, height, width\), got \(1, 1, 16, 16\)"):
+        model(input_ids=ids, pixel_values=torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="32x32 pixels, this model expects 16x16"):
+        model(input_ids=ids, pixel_values=pixels(1, size=32))
+
+
+@pytest.mark.parametrize("vision", ["siglip", "timm"])
+def test_save_and_load_give_identical_logits(tmp_path, vision):
+    """save_pretrained -> from_pretrained keeps logits and image_seq_length; weights are safetensors."""
+    model = tiny_model(vision, projector_type="resampler")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = VLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.image_seq_length == model.config.image_seq_length
+    ids, images = torch.tensor([image_prompt(model.config)]), pixels(1)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, pixel_values=images).logits, loaded(input_ids=ids, pixel_values=images).logits)
+
+
+def test_greedy_generate_with_cache_equals_without(model):
+    """Greedy generation gives the same tokens with and without the KV cache; the vision tower runs once with it."""
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    inputs = dict(input_ids=torch.tensor([image_prompt(model.config)]), pixel_values=pixels(1))
+    cached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True)
+    assert len(calls) == 1
+    uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert cached.shape[1] == inputs["input_ids"].shape[1] + 8
+    assert torch.equal(cached, uncached)
+
+
+def test_left_padded_batch_generates_as_each_prompt_alone(model):
+    """A left-padded batch of prompts of different lengths gives each prompt's own greedy tokens."""
+    prompts = [image_prompt(model.config, text=[5, 6, 7, 8, 9]), image_prompt(model.config, text=[10])]
+    images = pixels(2)
+    alone = [
+        model.generate(input_ids=torch.tensor([p]), pixel_values=images[i : i + 1], max_new_tokens=6, do_sample=False)[0, len(p) :]
+        for i, p in enumerate(prompts)
+    ]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(batched[0, width:], alone[0]) and torch.equal(batched[1, width:], alone[1])
+
+
+def test_sampling_beams_and_eos_run(model):
+    """Sampling and beam search run through GenerationMixin, and generation stops at EOS."""
+    ids = torch.tensor([image_prompt(model.config)] * 2)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels(2))
+    sampled = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=10)
+    beams = model.generate(**inputs, max_new_tokens=5, do_sample=False, num_beams=3)
+    assert sampled.shape == beams.shape == (2, inputs["input_ids"].shape[1] + 5)
+    one = dict(input_ids=inputs["input_ids"][:1], pixel_values=inputs["pixel_values"][:1])
+    first = model.generate(**one, max_new_tokens=5, do_sample=False)[0, -5].item()
+    stopped = model.generate(**one, max_new_tokens=5, do_sample=False, eos_token_id=first)
+    assert stopped.shape[1] == one["input_ids"].shape[1] + 1
+
+
+def test_inputs_embeds_path_equals_input_ids_path(model):
+    """Passing inputs_embeds gives the same logits as passing input_ids."""
+    ids, images = torch.tensor([image_prompt(model.config)]), pixels(1)
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, pixel_values=images).logits, model(inputs_embeds=embeds, pixel_values=images).logits)
+
+
+def test_batch_with_two_one_and_no_images_trains(model):
+    """Samples with two images, one image and none share a batch; forward and backward work."""
+    config = model.config
+    rows = [image_prompt(config, 2), image_prompt(config, 1), [1, 5, 6, 7]]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    mask = (torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]).long()
+    labels = ids.masked_fill((mask == 0) | (ids == IMAGE_TOKEN_ID), -100)
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(3), labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.multi_modal_projector.parameters())
+
+
+def test_logits_match_llava_with_copied_weights():
+    """With the mlp projector and Llava's weights copied in, logits equal LlavaForConditionalGeneration's."""
+    ours = tiny_model("clip", projector_type="mlp", vision_feature_layer=-2)
+    config = ours.config
+    llava_config = LlavaConfig(
+        vision_config=config.vision_config.to_dict(),
+        text_config=config.text_config.to_dict(),
+        image_token_index=IMAGE_TOKEN_ID,
+        image_seq_length=config.image_seq_length,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    llava = LlavaForConditionalGeneration(llava_config).eval()
+    llava.load_state_dict(ours.state_dict(), strict=True)  # same keys, no map
+    ids, images = torch.tensor([image_prompt(config)]), pixels(1)
+    with torch.no_grad():
+        diff = (ours(input_ids=ids, pixel_values=images).logits - llava(input_ids=ids, pixel_values=images).logits).abs().max()
+    assert diff < 1e-5
+
+
+def test_tied_embeddings_follow_the_text_config():
+    """lm_head shares the embedding matrix exactly when the text config ties them."""
+    text_config = TEXT_CONFIGS["llama"]()
+    text_config.tie_word_embeddings = True
+    tied = tiny_model(text_config=text_config)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    untied = tiny_model()
+    assert untied.lm_head.weight is not untied.get_input_embeddings().weight
+
+
+def test_transformers_model_features_work(tmp_path, model):
+    """Gradient checkpointing, bf16 loading, device_map and resize_token_embeddings behave as for any model."""
+    model.activation_checkpointing_enable()
+    model.train()
+    ids = torch.tensor([image_prompt(model.config)])
+    model(input_ids=ids, pixel_values=pixels(1), labels=ids).loss.backward()
+
+    model.save_pretrained(tmp_path)
+    bf16 = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cpu")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(bf16(input_ids=ids, pixel_values=pixels(1)).logits.float()).all()
+
+    model.resize_token_embeddings(140)
+    assert model.lm_head.weight.shape[0] == model.get_input_embeddings().weight.shape[0] == 140
+    assert model.config.text_config.vocab_size == 140
+    assert model(input_ids=ids, pixel_values=pixels(1), labels=ids).logits.shape[-1] == 140
+
+
+def test_frozen_vision_tower_builds_no_graph(model):
+    """With the vision tower frozen, its outputs carry no autograd history."""
+    model.model.vision_tower.requires_grad_(False)
+    features = model.get_image_features(pixels(1))
+    assert features.last_hidden_state.grad_fn is None
+    assert features.pooler_output[0].requires_grad
+    assert math.isfinite(features.pooler_output[0].sum().item())
