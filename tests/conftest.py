@@ -46,3 +46,70 @@ def image_prompt(config: VLMConfig, num_images: int = 1, text: list[int] = (5, 6
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+CORPUS = ["What is in the image? A red circle. Two blue squares. Is there a green triangle? yes no", "user assistant system"]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with ChatML's special tokens, trained on a few sentences (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory):
+    """Folders of tiny pretrained-style backbones, as build_vlm takes them from the Hub: {name: path}."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        LlamaForCausalLM,
+        Qwen2ForCausalLM,
+        SiglipImageProcessor,
+        SiglipVisionModel,
+        TimmWrapperModel,
+    )
+
+    root = tmp_path_factory.mktemp("backbones")
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    special = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    for name, model in [
+        ("llama", LlamaForCausalLM(LlamaConfig(**(_LM | special)))),
+        ("qwen2", Qwen2ForCausalLM(Qwen2Config(**(_LM | special)))),
+    ]:
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+
+    SiglipVisionModel(SiglipVisionConfig(**_VIT)).save_pretrained(root / "siglip")
+    SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(root / "siglip")
+    # A full dual-encoder checkpoint, as CLIP ships on the Hub; build_vlm keeps its vision half.
+    clip_text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    CLIPModel(CLIPConfig(vision_config=_VIT, text_config=clip_text, projection_dim=16)).save_pretrained(root / "clip")
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(root / "clip")
+    # timm keeps its preprocessing in config.json's pretrained_cfg, which TimmWrapperImageProcessor reads.
+    timm_config = VISION_CONFIGS["timm"]()
+    timm_config.pretrained_cfg = {"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+    TimmWrapperModel(timm_config).save_pretrained(root / "timm")
+    return {path.name: str(path) for path in root.iterdir()}
+
+
+@pytest.fixture(scope="session")
+def built(backbones):
+    """build_vlm over the tiny SigLIP and Llama folders: (model, processor)."""
+    from hf_vlm import build_vlm
+
+    torch.manual_seed(0)
+    return build_vlm(backbones["siglip"], backbones["llama"], "mlp")

@@ -26,6 +26,16 @@ class VLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `auto_map` records only the saved class's own auto class; both heads should load as remote code.
+        if self._auto_class is not None:
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": "modeling_vlm.VLMModel",
+                "AutoModelForImageTextToText": "modeling_vlm.VLMForConditionalGeneration",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, ResamplerProjector):
@@ -43,6 +53,13 @@ class VLMModel(VLMPreTrainedModel):
         self.multi_modal_projector = PROJECTORS[config.projector_type](config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A frozen vision tower stays in eval mode: updating BatchNorm statistics or using dropout is training it.
+        if not any(p.requires_grad for p in self.vision_tower.parameters()):
+            self.vision_tower.eval()
+        return self
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

@@ -1,0 +1,177 @@
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
+
+import hf_vlm
+from hf_vlm import VLMConfig, VLMForConditionalGeneration, VLMModel, VLMProcessor, build_vlm
+
+SHIPPED = Path(hf_vlm.__file__).parent
+SHIPPED_FILES = [
+    SHIPPED / "modeling" / "configuration_vlm.py",
+    SHIPPED / "modeling" / "modeling_vlm.py",
+    SHIPPED / "modeling" / "projectors.py",
+    SHIPPED / "processing" / "processing_vlm.py",
+]
+
+
+@pytest.fixture(scope="module")
+def saved(built, tmp_path_factory):
+    """The built tiny model and processor saved in one folder, with inputs and the original logits."""
+    model, processor = built
+    folder = tmp_path_factory.mktemp("saved")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    inputs = processor(images=[Image.new("RGB", (9, 9), "blue")], text="<image> What?", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.save({"inputs": dict(inputs), "logits": logits}, folder / "expected.pt")
+    return folder
+
+
+def test_auto_classes_return_hf_vlm_classes(saved):
+    """With hf_vlm imported, the Auto classes load a saved folder as hf_vlm classes."""
+    assert type(AutoConfig.from_pretrained(saved)) is VLMConfig
+    assert type(AutoModel.from_pretrained(saved)) is VLMModel
+    assert type(AutoModelForImageTextToText.from_pretrained(saved)) is VLMForConditionalGeneration
+    assert type(AutoProcessor.from_pretrained(saved)) is VLMProcessor
+
+
+def test_saved_folder_carries_its_code_and_auto_map(saved):
+    """save_pretrained copies the shipped files and maps both model heads and the processor."""
+    assert {f.name for f in SHIPPED_FILES} <= {p.name for p in saved.iterdir()}
+    config = AutoConfig.from_pretrained(saved)
+    assert config.auto_map == {
+        "AutoConfig": "configuration_vlm.VLMConfig",
+        "AutoModel": "modeling_vlm.VLMModel",
+        "AutoModelForImageTextToText": "modeling_vlm.VLMForConditionalGeneration",
+    }
+
+
+REMOTE_SCRIPT = """
+import sys
+sys.modules["hf_vlm"] = None  # `import hf_vlm` now fails, as on a machine without it
+try:
+    import hf_vlm
+    raise SystemExit("hf_vlm is importable")
+except ImportError:
+    pass
+import torch
+from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
+folder = sys.argv[1]
+expected = torch.load(folder + "/expected.pt")
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+from PIL import Image
+inputs = processor(images=[Image.new("RGB", (9, 9), "blue")], text="<image> What?", return_tensors="pt")
+assert all(torch.equal(inputs[k], expected["inputs"][k]) for k in expected["inputs"]), "processor outputs differ"
+with torch.no_grad():
+    logits = model(**inputs).logits
+assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+print(type(model).__module__, type(processor).__name__, type(base).__name__)
+"""
+
+
+def test_remote_code_loads_without_hf_vlm(saved, tmp_path):
+    """In a process where `import hf_vlm` fails, trust_remote_code loads model and processor with identical logits."""
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(saved)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, processor_name, base_name = result.stdout.split()
+    assert module.startswith("transformers_modules.") and processor_name == "VLMProcessor" and base_name == "VLMModel"
+
+
+ALLOWED_TOP_LEVEL = {"torch", "transformers", "huggingface_hub"} | set(sys.stdlib_module_names)
+
+
+@pytest.mark.parametrize("path", SHIPPED_FILES, ids=lambda p: p.name)
+def test_shipped_files_import_only_what_the_hub_has(path):
+    """Shipped files import only torch, transformers, huggingface_hub, the standard library and flat siblings."""
+    siblings = {p.stem for p in SHIPPED_FILES}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                assert alias.name.split(".")[0] in ALLOWED_TOP_LEVEL, f"{path.name}: import {alias.name}"
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                assert node.module.split(".")[0] in ALLOWED_TOP_LEVEL, f"{path.name}: from {node.module}"
+            else:
+                assert node.level == 1 and node.module in siblings, f"{path.name}: from {'.' * node.level}{node.module or ''}"
+
+
+def test_import_guard_catches_bad_imports(tmp_path):
+    """The guard above rejects `import hf_vlm`, `from ..x` and `from . import x` (so it can fail)."""
+    for bad in ["import hf_vlm", "from ..modeling import x", "from . import projectors", "from .pkg.mod import x", "import numpy"]:
+        path = tmp_path / "modeling_vlm.py"
+        path.write_text(bad + "\n")
+        with pytest.raises(AssertionError):
+            test_shipped_files_import_only_what_the_hub_has(path)
+
+
+@pytest.mark.parametrize(("vision", "text"), [("siglip", "llama"), ("clip", "qwen2"), ("timm", "llama")])
+def test_build_vlm_from_local_folders_trains_and_generates(backbones, vision, text):
+    """build_vlm from saved tiny backbones gives a model and processor that agree, train a step and generate."""
+    overrides = {"vision_feature_layer": 1} if vision == "timm" else {}
+    model, processor = build_vlm(backbones[vision], backbones[text], "pixel_shuffle", **overrides)
+    assert model.config.image_token_id == processor.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert model.config.image_seq_length == processor.image_seq_length == 4
+    assert model.get_input_embeddings().num_embeddings >= len(processor.tokenizer)
+
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+    ]
+    batch = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
+        processor_kwargs={"images": [Image.new("RGB", (30, 30), "red")]},
+    )
+    batch["labels"] = hf_vlm.processing.make_labels(batch["input_ids"], batch["attention_mask"], processor.image_token_id, batch.pop("assistant_masks"))
+    model.model.vision_tower.requires_grad_(False)  # as in both training stages; a frozen CNN keeps its BN statistics
+    model.train()
+    before = model.model.multi_modal_projector.linear.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(**batch).loss.backward()
+    optimizer.step()
+    assert not torch.equal(before, model.model.multi_modal_projector.linear.weight)
+
+    model.eval()
+    prompt = processor.apply_chat_template(messages[:1], tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True, processor_kwargs={"images": [Image.new("RGB", (30, 30), "red")]})
+    generated = model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_build_vlm_keeps_pretrained_weights(backbones):
+    """The built model's towers hold the pretrained weights, not fresh random ones."""
+    from transformers import AutoModelForCausalLM, SiglipVisionModel
+
+    model, _ = build_vlm(backbones["siglip"], backbones["llama"])
+    vision = SiglipVisionModel.from_pretrained(backbones["siglip"])
+    lm = AutoModelForCausalLM.from_pretrained(backbones["llama"])
+    for ours, theirs in [(model.model.vision_tower, vision), (model.model.language_model, lm.model)]:
+        expected = theirs.state_dict()
+        assert ours.state_dict().keys() == expected.keys()
+        # The embedding matrix gained one row for <image>; every pretrained row is kept.
+        assert all(torch.equal(value[: len(expected[key])], expected[key]) for key, value in ours.state_dict().items())
+
+
+@pytest.mark.parametrize("source", ["object", "folder"])
+def test_pipeline_answers_an_image_question(built, saved, source):
+    """pipeline("image-text-to-text") returns generated text for chat messages and for plain text."""
+    model, processor = built
+    pipe = pipeline("image-text-to-text", model=model if source == "object" else str(saved), processor=processor)
+    image = Image.new("RGB", (12, 12), "green")
+    chat = pipe(text=[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}], max_new_tokens=3)
+    assert chat[0]["generated_text"][-1]["role"] == "assistant"
+    assert isinstance(chat[0]["generated_text"][-1]["content"], str)
+    plain = pipe(images=image, text="<image> What?", max_new_tokens=3)
+    assert plain[0]["generated_text"].startswith("<image> What?")
