@@ -113,3 +113,6 @@ def built(backbones):
 
     torch.manual_seed(0)
     return build_vlm(backbones["siglip"], backbones["llama"], "mlp")
+
+
+from hub_fixture import hub  # noqa: E402, F401  (the loopback Hub fixture)
