@@ -1,0 +1,41 @@
+"""Datasets for two-stage VLM training, as `datasets.Dataset`s with `Image` features.
+
+Stage 1 (alignment) trains on the caption shape (`CAPTION_FEATURES`: `id`, `image`, `caption`);
+stage 2 (instruction tuning) on the conversation shape (`CONVERSATION_FEATURES`: `id`, `images`,
+`messages` in TRL's format). `hf_vlm.data.schema` documents both. Sources:
+
+- easy-VQA (PyPI `easy-vqa`): `easy_vqa_conversations`, `easy_vqa_captions`
+- rendered scenes with true captions: `synthetic_captions`
+- LLaVA JSON / JSONL with an image folder: `load_llava_pretrain`, `load_llava_instruct`
+- rows already in TRL's (or the_cauldron's) shape: `load_conversations`
+
+Loaders validate every sample while building; see `BadSampleError` and `on_error`.
+"""
+
+from .easy_vqa import easy_vqa_captions, easy_vqa_conversations
+from .images import load_image, to_rgb
+from .llava import load_conversations, load_llava_instruct, load_llava_pretrain
+from .schema import (
+    CAPTION_FEATURES,
+    CONVERSATION_FEATURES,
+    EASY_VQA_FEATURES,
+    BadSampleError,
+    SkippedSamplesWarning,
+)
+from .synthetic import synthetic_captions
+
+__all__ = [
+    "CAPTION_FEATURES",
+    "CONVERSATION_FEATURES",
+    "EASY_VQA_FEATURES",
+    "BadSampleError",
+    "SkippedSamplesWarning",
+    "easy_vqa_captions",
+    "easy_vqa_conversations",
+    "load_conversations",
+    "load_image",
+    "load_llava_instruct",
+    "load_llava_pretrain",
+    "synthetic_captions",
+    "to_rgb",
+]

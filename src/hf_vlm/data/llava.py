@@ -1,0 +1,279 @@
+"""Loaders for LLaVA-style JSON and TRL-style conversations, into hf_vlm's two dataset shapes.
+
+- `load_llava_pretrain`: LLaVA-Pretrain records (`blip_laion_cc_sbu_558k.json`) -> caption shape.
+- `load_llava_instruct`: LLaVA-Instruct records (`llava_v1_5_mix665k.json`, multi-turn, text-only
+  samples allowed) -> conversation shape.
+- `load_conversations`: rows already in TRL's `images` + `messages` shape, or the_cauldron's
+  `images` + `texts` shape -> validated conversation shape.
+
+A LLaVA record is::
+
+    {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
+                       {"from": "gpt", "value": "The bus is white and red."}, ...]}
+
+`"image"` may also be a list of paths (one per `<image>`), or absent for a text-only sample.
+Files are `.jsonl` (one record per line) or otherwise a JSON list. Relative image paths are
+resolved against `image_folder`, which defaults to the JSON file's folder.
+
+Every sample is validated while the dataset is built (structure, text, and each image opened and,
+with `decode_images=True`, fully decoded), so a bad sample is reported by id before training
+starts. With `on_error="raise"` (default) the first bad sample raises `BadSampleError`; with
+`on_error="skip"` bad samples are dropped and one `SkippedSamplesWarning` counts them by reason.
+"""
+
+import json
+import os
+import re
+
+from datasets import Dataset, Image, List
+
+from .images import image_entry
+from .schema import CAPTION_FEATURES, CONVERSATION_FEATURES, ROLES, BadSampleError, SampleErrors
+
+# The placeholder with the whitespace around it: "<image>\nDescribe." -> ["", "Describe."].
+_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+_LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def load_llava_pretrain(path, image_folder=None, *, on_error: str = "raise", decode_images: bool = True) -> Dataset:
+    """LLaVA-Pretrain records -> Dataset with `CAPTION_FEATURES`.
+
+    Each record must have one image and two turns: a human prompt holding one `<image>` (the
+    prompt text itself is dropped) and a gpt turn, which becomes the caption (stripped, non-empty).
+    """
+    records, image_folder = _read_records(path, image_folder)
+    errors = SampleErrors(on_error)
+    rows = {"id": [], "image": [], "caption": []}
+    for index, record in enumerate(records):
+        try:
+            sample_id, messages, image_paths = _llava_record(record, index, image_folder)
+            if len(messages) != 2:
+                raise BadSampleError(sample_id, "bad_format", f"expected 2 turns (human, gpt), got {len(messages)}")
+            _check_conversation(messages, len(image_paths), sample_id)
+            if len(image_paths) != 1:
+                raise BadSampleError(sample_id, "image_count_mismatch", f"expected 1 image, got {len(image_paths)}")
+            entry = image_entry(image_paths[0], sample_id, decode=decode_images)
+        except BadSampleError as error:
+            errors.handle(error)
+            continue
+        rows["id"].append(sample_id)
+        rows["image"].append(entry)
+        rows["caption"].append(messages[1]["content"][0]["text"].strip())
+    errors.finish(len(records))
+    return Dataset.from_dict(rows, features=CAPTION_FEATURES)
+
+
+def load_llava_instruct(path, image_folder=None, *, on_error: str = "raise", decode_images: bool = True) -> Dataset:
+    """LLaVA-Instruct records -> Dataset with `CONVERSATION_FEATURES`.
+
+    Turns map human -> user, gpt -> assistant, system -> system. Each `<image>` becomes an image
+    block at its place in the text, and the placeholder and the whitespace around it are removed
+    ("<image>\\nWhat is this?" -> [image, "What is this?"]). The number of placeholders must equal
+    the number of images; records without "image" are text-only rows with `images == []`.
+    """
+    records, image_folder = _read_records(path, image_folder)
+    errors = SampleErrors(on_error)
+    rows = {"id": [], "images": [], "messages": []}
+    for index, record in enumerate(records):
+        try:
+            sample_id, messages, image_paths = _llava_record(record, index, image_folder)
+            _check_conversation(messages, len(image_paths), sample_id)
+            entries = [image_entry(p, sample_id, decode=decode_images) for p in image_paths]
+        except BadSampleError as error:
+            errors.handle(error)
+            continue
+        rows["id"].append(sample_id)
+        rows["images"].append(entries)
+        rows["messages"].append(messages)
+    errors.finish(len(records))
+    return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
+
+
+def load_conversations(source, image_folder=None, *, on_error: str = "raise", decode_images: bool = True) -> Dataset:
+    """Rows in TRL's or the_cauldron's shape -> validated Dataset with `CONVERSATION_FEATURES`.
+
+    `source` is a `datasets.Dataset`, a list of dicts, or a path to a JSON list / JSONL file. Each
+    row has `images` (PIL images, file paths, or `{"bytes", "path"}` dicts; may be empty) and
+    either `messages` (TRL) or `texts` (the_cauldron: `[{"user": ..., "assistant": ...}, ...]`),
+    and optionally `id` (default: the row index). TRL's rules apply: content may be a string, and
+    the first user message with string content gets one image block per image in front of its
+    text; otherwise image blocks stand where they are. the_cauldron's images go before the first
+    user text. Other columns and block keys are dropped; non-RGB images are converted.
+    """
+    if isinstance(source, Dataset):
+        if "images" in source.column_names:
+            # Read the stored bytes/paths; decoding every image just to re-encode it is wasted work.
+            source = source.cast_column("images", List(Image(decode=False)))
+        records = source
+    elif isinstance(source, (str, os.PathLike)):
+        records, image_folder = _read_records(source, image_folder)
+    else:
+        records = source
+    errors = SampleErrors(on_error)
+    rows = {"id": [], "images": [], "messages": []}
+    total = 0
+    for index, record in enumerate(records):
+        total += 1
+        sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+        try:
+            messages, images = _trl_record(record, sample_id)
+            _check_conversation(messages, len(images), sample_id)
+            entries = [image_entry(_resolve(image, image_folder), sample_id, decode=decode_images) for image in images]
+        except BadSampleError as error:
+            errors.handle(error)
+            continue
+        rows["id"].append(sample_id)
+        rows["images"].append(entries)
+        rows["messages"].append(messages)
+    errors.finish(total)
+    return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
+
+
+def _read_records(path, image_folder):
+    """Records from a `.jsonl` file or a JSON list, and the folder relative image paths start from."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as file:
+        if path.endswith(".jsonl"):
+            records = []
+            for number, line in enumerate(file, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}, line {number}: not valid JSON: {error}") from None
+        else:
+            records = json.load(file)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return records, image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
+
+
+def _resolve(image, image_folder):
+    if isinstance(image, str) and image_folder is not None and not os.path.isabs(image):
+        return os.path.join(image_folder, image)
+    if isinstance(image, dict) and image.get("bytes") is None and isinstance(image.get("path"), str):
+        return {"bytes": None, "path": _resolve(image["path"], image_folder)}
+    return image
+
+
+def _llava_record(record, index: int, image_folder):
+    """Return `(sample_id, messages, image_paths)` for one LLaVA record, checking its structure."""
+    sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        raise BadSampleError(sample_id, "bad_format", "expected a dict with a 'conversations' list")
+    images = record.get("image", [])
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise BadSampleError(sample_id, "bad_format", f"'image' must be a path or a list of paths, got {images!r}")
+    messages = []
+    for turn in record["conversations"]:
+        if not isinstance(turn, dict) or turn.get("from") not in _LLAVA_ROLES or not isinstance(turn.get("value"), str):
+            detail = f"each turn needs 'from' in {sorted(_LLAVA_ROLES)} and a string 'value': {turn!r}"
+            raise BadSampleError(sample_id, "bad_format", detail)
+        messages.append({"role": _LLAVA_ROLES[turn["from"]], "content": _split_placeholders(turn["value"])})
+    return sample_id, messages, [_resolve(p, image_folder) for p in images]
+
+
+def _split_placeholders(text: str) -> list[dict]:
+    """ "<image>\\nWhat is it?" -> [{"type": "image", "text": None}, {"type": "text", "text": "What is it?"}]"""
+    blocks = []
+    for position, part in enumerate(_PLACEHOLDER.split(text)):
+        if position > 0:
+            blocks.append({"type": "image", "text": None})
+        if part:
+            blocks.append({"type": "text", "text": part})
+    return blocks
+
+
+def _trl_record(record, sample_id: str):
+    """Return `(messages, images)` in our block form for one TRL or the_cauldron row."""
+    if not isinstance(record, dict):
+        raise BadSampleError(sample_id, "bad_format", f"expected a dict, got {type(record).__name__}")
+    images = record.get("images") or []
+    if not isinstance(images, list):
+        raise BadSampleError(sample_id, "bad_format", f"'images' must be a list, got {type(images).__name__}")
+    if "messages" in record:
+        return _trl_messages(record["messages"], len(images), sample_id), images
+    if "texts" in record:
+        return _cauldron_messages(record["texts"], len(images), sample_id), images
+    raise BadSampleError(sample_id, "bad_format", "expected a 'messages' (TRL) or 'texts' (the_cauldron) column")
+
+
+def _trl_messages(messages, image_count: int, sample_id: str) -> list[dict]:
+    if not isinstance(messages, list):
+        raise BadSampleError(sample_id, "bad_format", "'messages' must be a list")
+    result = []
+    images_placed = False
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise BadSampleError(sample_id, "bad_format", f"each message needs a role in {ROLES}: {message!r}")
+        content = message.get("content")
+        if isinstance(content, str):
+            blocks = [{"type": "text", "text": content}] if content else []
+            # As trl.data_utils.prepare_multimodal_messages: images go before the first user string.
+            if message["role"] == "user" and not images_placed:
+                blocks = [{"type": "image", "text": None}] * image_count + blocks
+                images_placed = True
+        elif isinstance(content, list):
+            blocks = [_block(block, sample_id) for block in content]
+        else:
+            raise BadSampleError(sample_id, "bad_format", f"content must be a string or a list: {content!r}")
+        result.append({"role": message["role"], "content": blocks})
+    return result
+
+
+def _block(block, sample_id: str) -> dict:
+    if not isinstance(block, dict) or block.get("type") not in ("image", "text"):
+        raise BadSampleError(sample_id, "bad_format", f"content blocks have type 'image' or 'text': {block!r}")
+    if block["type"] == "image":
+        if block.get("image") is not None:
+            raise BadSampleError(sample_id, "bad_format", "image blocks must not embed images; use the 'images' column")
+        return {"type": "image", "text": None}
+    if not isinstance(block.get("text"), str):
+        raise BadSampleError(sample_id, "bad_format", f"text block without a string 'text': {block!r}")
+    return {"type": "text", "text": block["text"]}
+
+
+def _cauldron_messages(texts, image_count: int, sample_id: str) -> list[dict]:
+    if not isinstance(texts, list) or not all(isinstance(t, dict) for t in texts):
+        raise BadSampleError(sample_id, "bad_format", "'texts' must be a list of {'user', 'assistant'} dicts")
+    messages = []
+    for turn, text in enumerate(texts):
+        user, assistant = text.get("user"), text.get("assistant")
+        if not isinstance(user, str) or not isinstance(assistant, str):
+            raise BadSampleError(sample_id, "bad_format", f"turn {turn} needs string 'user' and 'assistant'")
+        images = [{"type": "image", "text": None}] * image_count if turn == 0 else []
+        messages.append({"role": "user", "content": images + ([{"type": "text", "text": user}] if user else [])})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
+    return messages
+
+
+def _check_conversation(messages: list[dict], image_count: int, sample_id: str) -> None:
+    """Check the rules every conversation row obeys; raise BadSampleError naming the first broken one.
+
+    Roles: an optional system message, then user and assistant alternating, starting with user and
+    ending with assistant. Image blocks only in user messages, as many as there are images.
+    Every assistant message has non-blank text; every user message has text or an image.
+    """
+    roles = [message["role"] for message in messages]
+    turns = roles[1:] if roles[:1] == ["system"] else roles
+    expected = ["user", "assistant"] * (len(turns) // 2)
+    if not turns or turns != expected:
+        raise BadSampleError(
+            sample_id, "bad_format", f"roles must be [system], user, assistant, user, ..., assistant; got {roles}"
+        )
+    placeholders = 0
+    for turn, message in enumerate(messages):
+        blocks = message["content"]
+        images = sum(block["type"] == "image" for block in blocks)
+        has_text = any(block["type"] == "text" and block["text"].strip() for block in blocks)
+        if images and message["role"] != "user":
+            raise BadSampleError(sample_id, "bad_format", f"turn {turn} ({message['role']}) holds an image")
+        if not has_text and not images:
+            raise BadSampleError(sample_id, "empty_text", f"turn {turn} ({message['role']}) has no text")
+        placeholders += images
+    if placeholders != image_count:
+        raise BadSampleError(
+            sample_id, "image_count_mismatch", f"{placeholders} image placeholder(s) but {image_count} image(s)"
+        )
