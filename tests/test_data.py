@@ -36,8 +36,10 @@ from hf_vlm.data.synthetic import COLORS as SYNTHETIC_COLORS
 
 @pytest.fixture
 def easy_vqa():
-    """The easy-VQA package (PyPI `easy-vqa`), which the easy-VQA loaders read."""
-    return pytest.importorskip("easy_vqa")
+    """The easy-VQA package (PyPI `easy-vqa`, in the `data` extra), which the easy-VQA loaders read."""
+    import easy_vqa
+
+    return easy_vqa
 
 
 @pytest.mark.parametrize(
