@@ -12,7 +12,9 @@ stage 2 (instruction tuning) on the conversation shape (`CONVERSATION_FEATURES`:
 Loaders validate every sample while building; see `BadSampleError` and `on_error`.
 """
 
+from .collators import CaptionCollator, ConversationCollator, caption_to_conversation
 from .easy_vqa import easy_vqa_captions, easy_vqa_conversations
+from .emoji import emoji_captions
 from .images import load_image, to_rgb
 from .llava import load_conversations, load_llava_instruct, load_llava_pretrain
 from .schema import (
@@ -25,6 +27,9 @@ from .schema import (
 from .synthetic import synthetic_captions
 
 __all__ = [
+    "CaptionCollator",
+    "ConversationCollator",
+    "caption_to_conversation",
     "CAPTION_FEATURES",
     "CONVERSATION_FEATURES",
     "EASY_VQA_FEATURES",
