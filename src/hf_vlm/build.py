@@ -1,5 +1,7 @@
 """build_vlm: a VLM and its processor from a pretrained vision encoder and a pretrained causal LM."""
 
+from dataclasses import dataclass, field
+
 import torch
 from PIL import Image
 from transformers import (
@@ -54,8 +56,7 @@ def build_vlm(
     tokenizer.add_tokens([image_token], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
-        language_model.resize_token_embeddings(len(tokenizer))
+    _add_token_rows(language_model, len(tokenizer))
 
     config = VLMConfig(
         vision_config=tower.config,
@@ -79,6 +80,22 @@ def build_vlm(
         image_seq_length=config.image_seq_length,
     )
     return model, processor
+
+
+def _add_token_rows(language_model: PreTrainedModel, vocab_size: int) -> None:
+    """Grow the embeddings (and an untied head) to `vocab_size`; new rows start at the mean of the old ones.
+
+    The image token's input embedding is always overwritten by image features, so its value only needs to be
+    harmless; the mean is deterministic, which keeps builds reproducible.
+    """
+    old_size = language_model.get_input_embeddings().num_embeddings
+    if vocab_size <= old_size:
+        return
+    language_model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        matrices = {id(m.weight): m.weight for m in (language_model.get_input_embeddings(), language_model.get_output_embeddings())}
+        for weight in matrices.values():
+            weight[old_size:] = weight[:old_size].mean(0)
 
 
 def _load_vision_tower(name: str, dtype: torch.dtype) -> PreTrainedModel:
@@ -132,3 +149,30 @@ def _vision_geometry(tower: PreTrainedModel, image_size: int, vision_feature_lay
     if height != width:
         raise ValueError(f"The vision encoder gives a {height}x{width} feature map; square maps only.")
     return {"image_size": image_size, "vision_grid_size": height, "vision_hidden_size": channels}
+
+
+@dataclass
+class ModelArguments:
+    """Which VLM to train: an existing folder or Hub id, or a new one composed by `build_vlm`."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A saved hf_vlm model (e.g. stage 1's output)."})
+    vision_model: str | None = field(default=None, metadata={"help": "Vision encoder for a new VLM (Hub id or folder)."})
+    text_model: str | None = field(default=None, metadata={"help": "Causal LM for a new VLM (Hub id or folder)."})
+    projector_type: str = field(default="mlp", metadata={"help": "A key of hf_vlm.PROJECTORS."})
+    image_size: int | None = field(default=None, metadata={"help": "Input pixels for a CNN vision encoder."})
+    vision_feature_layer: int | None = field(default=None, metadata={"help": "Hidden state fed to the projector."})
+    projector_num_tokens: int = field(default=64, metadata={"help": "Tokens per image for c_abstractor / resampler."})
+    pixel_shuffle_factor: int = field(default=2, metadata={"help": "r for pixel_shuffle."})
+
+
+def load_vlm(args: ModelArguments) -> tuple[VLMForConditionalGeneration, VLMProcessor]:
+    """`from_pretrained` when `model_name_or_path` is given, else `build_vlm(vision_model, text_model, ...)`."""
+    if args.model_name_or_path is not None:
+        model = VLMForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+        return model, VLMProcessor.from_pretrained(args.model_name_or_path)
+    if args.vision_model is None or args.text_model is None:
+        raise ValueError("Give model_name_or_path, or both vision_model and text_model.")
+    overrides = {"projector_num_tokens": args.projector_num_tokens, "pixel_shuffle_factor": args.pixel_shuffle_factor}
+    if args.vision_feature_layer is not None:
+        overrides["vision_feature_layer"] = args.vision_feature_layer
+    return build_vlm(args.vision_model, args.text_model, args.projector_type, image_size=args.image_size, **overrides)

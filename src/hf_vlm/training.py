@@ -5,6 +5,8 @@ the language model (fully, or LoRA adapters on it). The vision tower stays froze
 frozen tower also stays in eval mode (see `VLMModel.train`) and runs without an autograd graph.
 """
 
+import copy
+
 import torch
 from torch import nn
 
@@ -65,8 +67,61 @@ def param_groups(model: nn.Module, learning_rates: dict[str, float], weight_deca
     missing = [part for part, params in grouped.items() if params and part not in learning_rates]
     if missing:
         raise ValueError(f"No learning rate for the trainable part(s) {missing}; give learning_rates for {list(grouped)}.")
+    # The language group first: trainers log the first group's rate, which is then `learning_rate`.
+    order = sorted(grouped, key=lambda part: part != "language")
     return [
-        {"params": params, "lr": learning_rates[part], "weight_decay": weight_decay, "name": part}
-        for part, params in grouped.items()
-        if params
+        {"params": grouped[part], "lr": learning_rates[part], "weight_decay": weight_decay, "name": part}
+        for part in order
+        if grouped[part]
     ]
+
+
+# Linear layers of Llama-family LMs (SmolLM2, Qwen2, Llama) that LoRA adapts; only inside the language model.
+LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def apply_lora(model: nn.Module, rank: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: str = LORA_TARGETS):
+    """Wrap `model` with peft LoRA adapters on the language model; the projector stays fully trainable.
+
+    peft freezes everything but the adapters, so the projector's `requires_grad` is restored afterwards.
+    `save_run` merges the adapters back, so the saved folder is a plain hf_vlm model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+    peft_model = get_peft_model(model, config)
+    _unwrap(peft_model).model.multi_modal_projector.requires_grad_(True)
+    return peft_model
+
+
+def save_run(trainer, processor, output_dir: str) -> None:
+    """Save a complete model folder (weights, processor, remote code) and `loss.png` into `output_dir`.
+
+    LoRA adapters are merged into a copy of the model, so `from_pretrained` loads the folder as it is and the
+    trained peft model stays as it was. Only the main process writes.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    if trainer.is_world_process_zero():
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        save_loss_curve(trainer.state.log_history, f"{output_dir}/loss.png")
+
+
+def save_loss_curve(log_history: list[dict], path: str, title: str = "Training loss") -> None:
+    """Plot the `loss` entries of a trainer's log history against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    if points:
+        axes.plot(*zip(*points), marker="." if len(points) < 50 else None)
+    axes.set(xlabel="step", ylabel="loss (answer tokens)", title=title)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -6,10 +6,13 @@ stage 2 (instruction tuning) on the conversation shape (`CONVERSATION_FEATURES`:
 
 - easy-VQA (PyPI `easy-vqa`): `easy_vqa_conversations`, `easy_vqa_captions`
 - rendered scenes with true captions: `synthetic_captions`
+- Google's emoji images with their names (npm `emoji-datasource-google`, cached): `emoji_captions`
 - LLaVA JSON / JSONL with an image folder: `load_llava_pretrain`, `load_llava_instruct`
 - rows already in TRL's (or the_cauldron's) shape: `load_conversations`
 
-Loaders validate every sample while building; see `BadSampleError` and `on_error`.
+Loaders validate every sample while building; see `BadSampleError` and `on_error`. The training
+scripts pick sources by name through `hf_vlm.data.sources`; `CaptionCollator` and
+`ConversationCollator` turn rows into batches whose loss covers only the answers.
 """
 
 from .collators import CaptionCollator, ConversationCollator, caption_to_conversation
@@ -37,6 +40,7 @@ __all__ = [
     "SkippedSamplesWarning",
     "easy_vqa_captions",
     "easy_vqa_conversations",
+    "emoji_captions",
     "load_conversations",
     "load_image",
     "load_llava_instruct",

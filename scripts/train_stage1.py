@@ -1,0 +1,54 @@
+"""Stage 1, feature alignment: train the projector on image-caption pairs; vision tower and LM frozen.
+
+Loss falls on the caption only (hf_vlm.data.CaptionCollator). Driven by a plain transformers Trainer.
+
+    python scripts/train_stage1.py --config scripts/configs/stage1_offline.yaml
+    torchrun --nproc_per_node 2 scripts/train_stage1.py --config scripts/configs/stage1_offline.yaml
+    accelerate launch scripts/train_stage1.py --config scripts/configs/stage1_siglip_smollm2.yaml  # GPU, Hub ids
+
+Add `--resume_from_checkpoint <output_dir>/checkpoint-N` (or `true` for the latest) to continue a run.
+"""
+
+from dataclasses import dataclass, field
+
+from transformers import Trainer, TrainingArguments
+from trl import TrlParser
+
+from hf_vlm.build import ModelArguments, load_vlm
+from hf_vlm.data.collators import DEFAULT_CAPTION_PROMPT, CaptionCollator
+from hf_vlm.data.sources import caption_dataset
+from hf_vlm.training import save_run, set_trainable
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="easy_vqa", metadata={"help": "Comma-separated caption sources, or a LLaVA-Pretrain JSON."})
+    image_folder: str | None = field(default=None, metadata={"help": "Images of a LLaVA-Pretrain JSON."})
+    max_samples: int | None = field(default=None, metadata={"help": "Train on this many captions at most."})
+    prompt: str = field(default=DEFAULT_CAPTION_PROMPT, metadata={"help": "The user turn before each caption."})
+    max_length: int | None = field(default=None, metadata={"help": "Truncate longer samples."})
+
+
+def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Trainer:
+    # Model: only the projector trains.
+    model, processor = load_vlm(model_args)
+    print("trainable parameters:", set_trainable(model, vision=False, projector=True, language=False))
+
+    # Dataset: captions; the collator renders them as chat turns and keeps the raw columns it needs.
+    dataset = caption_dataset(data_args.dataset, max_samples=data_args.max_samples, seed=training_args.seed, image_folder=data_args.image_folder)
+    training_args.remove_unused_columns = False
+
+    # Training
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=CaptionCollator(processor, prompt=data_args.prompt, max_length=data_args.max_length),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    save_run(trainer, processor, training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    main(*TrlParser((ModelArguments, DataArguments, TrainingArguments)).parse_args_and_config())

@@ -1,0 +1,67 @@
+"""Stage 2, instruction tuning: train projector and language model (full or LoRA) on conversations.
+
+The vision tower stays frozen; loss falls on the assistant's answers only (hf_vlm.data.ConversationCollator).
+Driven by TRL's SFTTrainer. Start from stage 1's output folder:
+
+    python scripts/train_stage2.py --config scripts/configs/stage2_offline.yaml
+    torchrun --nproc_per_node 2 scripts/train_stage2.py --config scripts/configs/stage2_offline.yaml
+    accelerate launch scripts/train_stage2.py --config scripts/configs/stage2_siglip_smollm2.yaml  # GPU, Hub ids
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+from hf_vlm.build import ModelArguments, load_vlm
+from hf_vlm.data.collators import ConversationCollator
+from hf_vlm.data.sources import conversation_dataset
+from hf_vlm.training import apply_lora, param_groups, save_run, set_trainable
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="easy_vqa", metadata={"help": "easy_vqa, or a LLaVA-Instruct JSON/JSONL file."})
+    image_folder: str | None = field(default=None, metadata={"help": "Images of a LLaVA-Instruct JSON."})
+    max_samples: int | None = field(default=None, metadata={"help": "Train on this many conversations at most."})
+
+
+@dataclass
+class TuningArguments:
+    projector_learning_rate: float = field(default=1e-4, metadata={"help": "The projector's rate; learning_rate is the LM's."})
+    use_lora: bool = field(default=False, metadata={"help": "LoRA adapters on the LM instead of full fine-tuning."})
+    lora_r: int = 16
+    lora_alpha: int = 32
+
+
+def main(model_args: ModelArguments, data_args: DataArguments, tuning_args: TuningArguments, training_args: SFTConfig) -> SFTTrainer:
+    # Model: projector and language model train (the LM through adapters with LoRA); the vision tower does not.
+    model, processor = load_vlm(model_args)
+    set_trainable(model, vision=False, projector=True, language=not tuning_args.use_lora)
+    if tuning_args.use_lora:
+        model = apply_lora(model, rank=tuning_args.lora_r, alpha=tuning_args.lora_alpha)
+    rates = {"projector": tuning_args.projector_learning_rate, "language": training_args.learning_rate}
+    groups = param_groups(model, rates, training_args.weight_decay)
+    print("trainable parameters:", {group["name"]: sum(p.numel() for p in group["params"]) for group in groups})
+
+    # Dataset: conversations in TRL's images + messages shape; our collator builds the labels.
+    dataset = conversation_dataset(data_args.dataset, max_samples=data_args.max_samples, seed=training_args.seed, image_folder=data_args.image_folder)
+    training_args.dataset_kwargs = {"skip_prepare_dataset": True}
+    training_args.remove_unused_columns = False
+
+    # Training
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=processor,
+        data_collator=ConversationCollator(processor, max_length=training_args.max_length),
+        optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups}),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    save_run(trainer, processor, training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    main(*TrlParser((ModelArguments, DataArguments, TuningArguments, SFTConfig)).parse_args_and_config())

@@ -1,0 +1,125 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+from trl import SFTConfig
+
+from hf_vlm import VLMForConditionalGeneration, build_vlm
+from hf_vlm.build import ModelArguments
+from hf_vlm.training import param_groups, set_trainable, trainable_parameters
+
+SCRIPTS = Path(__file__).parent.parent / "scripts"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+stage1, stage2 = load_script("train_stage1"), load_script("train_stage2")
+
+COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def changed_parts(before: dict, after: dict) -> dict[str, bool]:
+    """For each part, whether any of its tensors changed (keys as in VLMForConditionalGeneration)."""
+    parts = {"vision": "model.vision_tower.", "projector": "model.multi_modal_projector.", "language": ("model.language_model.", "lm_head.")}
+    return {part: any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)) for part, prefix in parts.items()}
+
+
+def run_stage1(backbones, output_dir, seed=123, **training):
+    torch.manual_seed(seed)  # the projector's initial weights come from this state
+    model_args = ModelArguments(vision_model=backbones["siglip"], text_model=backbones["llama"])
+    args = TrainingArguments(output_dir=str(output_dir), **(COMMON | dict(max_steps=3, learning_rate=1e-2) | training))
+    return stage1.main(model_args, stage1.DataArguments(max_samples=16), args)
+
+
+def test_stage1_trains_the_projector_only(backbones, tmp_path):
+    """Stage 1 changes projector weights; every vision and LM weight and buffer stays bit-identical."""
+    torch.manual_seed(123)
+    before = snapshot(build_vlm(backbones["siglip"], backbones["llama"])[0])
+    run_stage1(backbones, tmp_path / "s1")
+    after = load_file(tmp_path / "s1" / "model.safetensors")
+    assert changed_parts(before, after) == {"vision": False, "projector": True, "language": False}
+    assert (tmp_path / "s1" / "loss.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def stage1_folder(backbones, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stage1")
+    run_stage1(backbones, folder)
+    return folder
+
+
+def run_stage2(folder, output_dir, use_lora=False, max_samples=16, **training):
+    settings = COMMON | dict(max_steps=3, learning_rate=1e-2, bf16=False, gradient_checkpointing=False) | training
+    args = SFTConfig(output_dir=str(output_dir), **settings)
+    tuning = stage2.TuningArguments(projector_learning_rate=1e-2, use_lora=use_lora, lora_r=4, lora_alpha=8)
+    return stage2.main(ModelArguments(model_name_or_path=str(folder)), stage2.DataArguments(max_samples=max_samples), tuning, args)
+
+
+def test_stage2_trains_projector_and_lm_not_vision(stage1_folder, tmp_path):
+    """Stage 2 changes projector and LM weights and leaves the vision tower bit-identical."""
+    before = load_file(stage1_folder / "model.safetensors")
+    trainer = run_stage2(stage1_folder, tmp_path / "s2")
+    after = load_file(tmp_path / "s2" / "model.safetensors")
+    assert changed_parts(before, after) == {"vision": False, "projector": True, "language": True}
+
+    # The optimizer holds exactly the trainable parameters, in one group per part with its own rate.
+    optimizer = trainer.optimizer
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert in_optimizer == trainable
+    assert set(map(id, optimizer.state)) <= trainable and len(optimizer.state) == len(trainable)
+    assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == sum(trainable_parameters(trainer.model).values())
+    assert [g["name"] for g in optimizer.param_groups] == ["language", "projector"]
+    frozen = sum(p.numel() for p in trainer.model.model.vision_tower.parameters())
+    assert frozen > 0 and trainable_parameters(trainer.model)["vision"] == 0
+
+
+def test_stage2_with_lora_trains_adapters_and_projector_only(stage1_folder, tmp_path):
+    """With LoRA only adapters and projector change, and the saved (merged) folder loads as a plain VLM."""
+    before = load_file(stage1_folder / "model.safetensors")
+    trainer = run_stage2(stage1_folder, tmp_path / "lora", use_lora=True)
+    peft_model = trainer.model
+    for name, parameter in peft_model.named_parameters():
+        is_adapter = "lora_" in name
+        assert parameter.requires_grad == (is_adapter or "multi_modal_projector" in name), name
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in peft_model.state_dict().items() if "lora_" not in k}
+    assert changed_parts(before, base) == {"vision": False, "projector": True, "language": False}
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in peft_model.named_parameters() if "lora_B" in n)
+
+    loaded = VLMForConditionalGeneration.from_pretrained(tmp_path / "lora")
+    merged = loaded.state_dict()
+    assert changed_parts(before, merged)["language"]  # the adapters were merged into the LM
+    assert not changed_parts(before, merged)["vision"]
+
+
+def test_sft_trainer_overfits_a_tiny_repeated_batch(stage1_folder, tmp_path):
+    """SFTTrainer on images + messages with the hf_vlm model and processor drives the loss down."""
+    trainer = run_stage2(stage1_folder, tmp_path / "fit", max_samples=4, max_steps=20, learning_rate=1e-2)  # one batch, 20 times
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+
+
+def test_set_trainable_and_param_groups(built):
+    """set_trainable counts per part; param_groups leaves frozen parts out and needs a rate per trainable part."""
+    model, _ = built
+    counts = set_trainable(model, vision=False, projector=True, language=False)
+    assert counts["vision"] == counts["language"] == 0 < counts["projector"]
+    assert [g["name"] for g in param_groups(model, {"projector": 1e-3})] == ["projector"]
+    set_trainable(model, vision=False, projector=True, language=True)
+    with pytest.raises(ValueError, match="language"):
+        param_groups(model, {"projector": 1e-3})
+    model.train()
+    assert model.model.language_model.training and not model.model.vision_tower.training
+    model.eval()
