@@ -11,13 +11,13 @@ Add `--resume_from_checkpoint <output_dir>/checkpoint-N` (or `true` for the late
 
 from dataclasses import dataclass, field
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from trl import TrlParser
 
 from hf_vlm.build import ModelArguments, load_vlm
 from hf_vlm.data.collators import DEFAULT_CAPTION_PROMPT, CaptionCollator
 from hf_vlm.data.sources import caption_dataset
-from hf_vlm.training import save_run, set_trainable
+from hf_vlm.training import checkpoint_to_resume, save_run, set_trainable
 
 
 @dataclass
@@ -31,6 +31,7 @@ class DataArguments:
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Trainer:
     # Model: only the projector trains.
+    set_seed(training_args.seed)  # the new projector's initial weights depend on it too
     model, processor = load_vlm(model_args)
     print("trainable parameters:", set_trainable(model, vision=False, projector=True, language=False))
 
@@ -45,7 +46,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
         train_dataset=dataset,
         data_collator=CaptionCollator(processor, prompt=data_args.prompt, max_length=data_args.max_length),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
     save_run(trainer, processor, training_args.output_dir)
     return trainer
 

@@ -11,12 +11,13 @@ Driven by TRL's SFTTrainer. Start from stage 1's output folder:
 from dataclasses import dataclass, field
 
 import torch
+from transformers import set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from hf_vlm.build import ModelArguments, load_vlm
 from hf_vlm.data.collators import ConversationCollator
 from hf_vlm.data.sources import conversation_dataset
-from hf_vlm.training import apply_lora, param_groups, save_run, set_trainable
+from hf_vlm.training import apply_lora, checkpoint_to_resume, param_groups, save_run, set_trainable
 
 
 @dataclass
@@ -36,6 +37,7 @@ class TuningArguments:
 
 def main(model_args: ModelArguments, data_args: DataArguments, tuning_args: TuningArguments, training_args: SFTConfig) -> SFTTrainer:
     # Model: projector and language model train (the LM through adapters with LoRA); the vision tower does not.
+    set_seed(training_args.seed)  # a new projector or LoRA adapters start from random weights
     model, processor = load_vlm(model_args)
     set_trainable(model, vision=False, projector=True, language=not tuning_args.use_lora)
     if tuning_args.use_lora:
@@ -58,7 +60,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, tuning_args: Tuni
         data_collator=ConversationCollator(processor, max_length=training_args.max_length),
         optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups}),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
     save_run(trainer, processor, training_args.output_dir)
     return trainer
 

@@ -1,10 +1,27 @@
 """Tiny random backbones shared by the tests: hidden size 32, 2 layers, 16-pixel images."""
 
-import pytest
-import torch
+import atexit
+import os
+import shutil
+import tempfile
+
+# A private Hugging Face home for the whole session, set before transformers and evaluate read it at import:
+# no test reads or writes the user's caches, and nothing is fetched from the Hub (the `hub` fixture serves a
+# loopback Hub where a test needs one).
+HF_HOME = tempfile.mkdtemp(prefix="hf_vlm_tests_")
+atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+os.environ.update(
+    HF_HOME=HF_HOME,
+    HF_MODULES_CACHE=os.path.join(HF_HOME, "modules"),
+    HF_METRICS_CACHE=os.path.join(HF_HOME, "metrics"),
+    HF_HUB_OFFLINE="1",
+)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig, TimmWrapperConfig
 
-from hf_vlm import VLMConfig, VLMForConditionalGeneration
+from hf_vlm import VLMConfig, VLMForConditionalGeneration  # noqa: E402
 
 VOCAB_SIZE = 128
 IMAGE_TOKEN_ID = 127  # an ordinary id of the tiny vocabulary, reserved for images in the tests

@@ -16,17 +16,11 @@ import hf_vlm.metrics
 
 
 @pytest.fixture(scope="module")
-def hf_home(tmp_path_factory):
-    """A private HF cache: evaluate copies scripts into HF_MODULES_CACHE and writes to HF_METRICS_CACHE."""
-    root = tmp_path_factory.mktemp("hf_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HOME", str(root))
-        patch.setenv("HF_MODULES_CACHE", str(root / "modules"))
-        patch.setenv("HF_METRICS_CACHE", str(root / "metrics"))
-        # evaluate read those variables when it was imported; its config holds the values it uses.
-        patch.setattr(evaluate.config, "HF_MODULES_CACHE", root / "modules")
-        patch.setattr(evaluate.config, "HF_METRICS_CACHE", root / "metrics")
-        yield root
+def hf_home():
+    """The session's private HF home (tests/conftest.py): evaluate copies scripts into its modules cache."""
+    root = Path(os.environ["HF_HOME"])
+    assert Path(evaluate.config.HF_MODULES_CACHE).is_relative_to(root)
+    return root
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from .modeling import VLMConfig, VLMForConditionalGeneration
-from .processing import CHAT_TEMPLATES, VLMProcessor
+from .processing import CHAT_TEMPLATES, END_OF_TURN, VLMProcessor
 
 
 def build_vlm(
@@ -70,6 +70,7 @@ def build_vlm(
     model.model.language_model.load_state_dict(language_model.base_model.state_dict())
     model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
     model.generation_config = language_model.generation_config
+    _stop_at_end_of_turn(model.generation_config, tokenizer, END_OF_TURN.get(chat_template))
     model.eval()
 
     processor = VLMProcessor(
@@ -80,6 +81,19 @@ def build_vlm(
         image_seq_length=config.image_seq_length,
     )
     return model, processor
+
+
+def _stop_at_end_of_turn(generation_config, tokenizer, end_token: str | None) -> None:
+    """Make the chat template's end-of-turn token an EOS for `generate`, beside the LM's own EOS tokens."""
+    end_id = tokenizer.convert_tokens_to_ids(end_token) if end_token else None
+    if end_id is None or end_id == tokenizer.unk_token_id:
+        return
+    eos = generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if end_id not in eos:
+        generation_config.eos_token_id = eos + [end_id]
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def _add_token_rows(language_model: PreTrainedModel, vocab_size: int) -> None:

@@ -33,3 +33,5 @@ CHATML = (
 )
 
 CHAT_TEMPLATES = {"chatml": CHATML}
+# The token that closes an assistant turn in each template: generation must stop there.
+END_OF_TURN = {"chatml": "<|im_end|>"}

@@ -1,0 +1,205 @@
+"""Sharing through the Hub, against the loopback Hub: push model + processor + card in one commit, load by repo
+id with and without hf_vlm, the card's metadata and snippet, revisions, failed uploads, and dataset pushes."""
+
+import copy
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, load_dataset
+from huggingface_hub import HfApi, ModelCard
+from PIL import Image
+from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from hf_vlm import VLMForConditionalGeneration, VLMModel, VLMProcessor
+from hf_vlm.data import CAPTION_FEATURES, CONVERSATION_FEATURES
+from hf_vlm.hub import model_card, push
+
+REPO = "user/tiny-vlm"
+REPORT = {"dataset": {"name": "easy-VQA test subset", "type": "easy_vqa", "split": "test"},
+          "metrics": {"vqa_accuracy": 0.816, "accuracy_color": 0.689}}
+SHIPPED_CODE = {"configuration_vlm.py", "modeling_vlm.py", "projectors.py", "processing_vlm.py"}
+
+
+def changed(model: VLMForConditionalGeneration) -> VLMForConditionalGeneration:
+    """A copy whose projector weights differ from the original's."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in model.model.multi_modal_projector.parameters():
+            parameter.add_(1.0)
+    return model
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+REMOTE_SCRIPT = """
+import sys
+sys.modules["hf_vlm"] = None  # `import hf_vlm` now fails, as on a machine without it
+try:
+    import hf_vlm
+    raise SystemExit("hf_vlm is importable")
+except ImportError:
+    pass
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+repo, expected_file, snippet_file = sys.argv[1:]
+expected = torch.load(expected_file)
+model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+inputs = processor(images=[Image.new("RGB", (9, 9), "blue")], text="<image> What?", return_tensors="pt")
+assert all(torch.equal(inputs[k], expected["inputs"][k]) for k in expected["inputs"]), "processor outputs differ"
+with torch.no_grad():
+    logits = model(**inputs).logits
+assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+print(type(model).__module__, type(processor).__name__)
+exec(open(snippet_file).read(), {})  # the model card's usage snippet, as written
+print("snippet ran")
+"""
+
+
+def test_pushed_repo_loads_without_hf_vlm_and_card_snippet_runs(hub, built, tmp_path):
+    """In a process where `import hf_vlm` fails, the pushed repo loads with equal logits and the card's snippet runs."""
+    model, processor = built
+    push(model, processor, REPO)
+    assert [m for m, path, _ in hub.server.log if m == "POST" and "/commit/" in path] == ["POST"]  # one commit
+    files = {f.rfilename for f in HfApi().repo_info(REPO).siblings}
+    assert {"README.md", "model.safetensors", "processor_config.json", "chat_template.jinja"} | SHIPPED_CODE <= files
+    inputs = processor(images=[Image.new("RGB", (9, 9), "blue")], text="<image> What?", return_tensors="pt")
+    with torch.no_grad():
+        torch.save({"inputs": dict(inputs), "logits": model(**inputs).logits}, tmp_path / "expected.pt")
+    snippets = re.findall(r"```python\n(.*?)```", ModelCard.load(REPO).text, re.S)
+    assert len(snippets) == 1 and f'from_pretrained("{REPO}", trust_remote_code=True)' in snippets[0]
+    assert ".generate(" in snippets[0]
+    (tmp_path / "snippet.py").write_text(snippets[0])
+
+    # A fresh download cache, so everything comes over HTTP from the loopback Hub.
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "fresh_cache"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), REPO, str(tmp_path / "expected.pt"),
+         str(tmp_path / "snippet.py")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()  # our check's line, the snippet's answer (random text), our marker
+    assert lines[-1] == "snippet ran"
+    module, processor_name = lines[0].split()
+    assert module.startswith("transformers_modules.") and processor_name == "VLMProcessor"
+
+
+def test_push_to_hub_methods_then_auto_classes_need_no_remote_code(hub, built):
+    """model/processor.push_to_hub upload weights and code; with hf_vlm imported the Auto classes load them."""
+    model, processor = built
+    model.push_to_hub(REPO)
+    processor.push_to_hub(REPO)
+
+    files = {f.rfilename for f in HfApi().repo_info(REPO).siblings}
+    assert {"model.safetensors", "config.json", "processor_config.json", "chat_template.jinja"} | SHIPPED_CODE <= files
+    assert type(AutoModel.from_pretrained(REPO)) is VLMModel
+    assert type(AutoProcessor.from_pretrained(REPO)) is VLMProcessor
+    loaded = AutoModelForImageTextToText.from_pretrained(REPO)
+    assert type(loaded) is VLMForConditionalGeneration
+    assert_same_weights(loaded, model)
+
+
+def test_model_card_carries_hub_metadata(hub, built):
+    """The pushed card parses with ModelCard and carries pipeline tag, library, backbones, datasets and results."""
+    model, processor = built
+    named = copy.deepcopy(model)
+    named.config.vision_config._name_or_path, named.config.text_config._name_or_path = "org/vision", "org/text"
+    push(named, processor, REPO, datasets=["user/tiny-captions"], eval_results=REPORT, license="apache-2.0",
+         training="Stage 1 trains the projector on captions.")
+
+    card = ModelCard.load(REPO)
+    assert card.data.pipeline_tag == "image-text-to-text" and card.data.library_name == "transformers"
+    assert {"hf_vlm", "vision-language", "image-text-to-text"} <= set(card.data.tags)
+    assert card.data.base_model == ["org/vision", "org/text"]
+    assert card.data.datasets == ["user/tiny-captions"] and card.data.license == "apache-2.0"
+    results = {(r.dataset_type, r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results == {("easy_vqa", "test", "vqa_accuracy"): 0.816, ("easy_vqa", "test", "accuracy_color"): 0.689}
+    assert "| easy-VQA test subset | test | vqa_accuracy | 0.816 |" in card.text
+    assert "Stage 1 trains the projector on captions." in card.text
+    # build_vlm got local folders here; a folder is no base model.
+    assert model_card(model, repo_id=REPO).data.base_model is None
+
+
+def test_old_revision_still_loads_after_a_second_push(hub, built):
+    """A second push is a new commit on main; `revision=<first commit>` still loads the first weights."""
+    model, processor = built
+    second_model = changed(model)
+    first = push(model, processor, REPO)
+    second = push(second_model, processor, REPO)
+
+    assert first.oid != second.oid == HfApi().repo_info(REPO).sha
+    assert_same_weights(VLMForConditionalGeneration.from_pretrained(REPO, revision=first.oid), model)
+    assert_same_weights(VLMForConditionalGeneration.from_pretrained(REPO), second_model)
+
+
+@pytest.mark.parametrize("failing_file", ["model.safetensors", "README.md"])  # sent through LFS / inside the commit
+def test_failed_upload_names_the_file_and_keeps_the_previous_commit(hub, built, failing_file):
+    """A push whose upload of one file fails raises an error naming the repo and the file; main stays put."""
+    model, processor = built
+    first = push(model, processor, REPO)
+    hub.server.fail_next_upload(failing_file)
+    with pytest.raises(RuntimeError) as excinfo:
+        push(changed(model), processor, REPO, training="Changed, so that README.md is uploaded again.")
+
+    assert REPO in str(excinfo.value) and failing_file in str(excinfo.value)
+    assert HfApi().repo_info(REPO).sha == first.oid
+    assert_same_weights(VLMForConditionalGeneration.from_pretrained(REPO), model)
+
+
+def tiny_images(count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    return np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b))
+
+
+def test_caption_dataset_push_then_load_dataset(hub):
+    """A caption-shape dataset (stage 1) comes back from the Hub with the same features, captions and pixels."""
+    images = tiny_images(3)
+    captions = ["A red circle.", "Two blue squares.", "A green triangle."]
+    rows = {"id": ["a", "b", "c"], "image": images, "caption": captions}
+    Dataset.from_dict(rows, features=CAPTION_FEATURES).push_to_hub("user/tiny-captions")
+
+    loaded = load_dataset("user/tiny-captions", split="train")
+    assert loaded.features == CAPTION_FEATURES
+    assert loaded["id"] == rows["id"] and loaded["caption"] == rows["caption"]
+    assert all(same_pixels(got, sent) for got, sent in zip(loaded["image"], images, strict=True))
+
+
+def test_conversation_dataset_push_then_load_dataset(hub):
+    """A conversation-shape dataset (stage 2: image lists, message structs) comes back unchanged."""
+    images = tiny_images(3)
+    question = {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "What colour?"}]}
+    rows = {
+        "id": ["q0", "q1"],
+        "images": [images[:1], images[1:]],
+        "messages": [
+            [question, {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+            [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "image", "text": None},
+                                          {"type": "text", "text": "Same shape?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}],
+        ],
+    }
+    Dataset.from_dict(rows, features=CONVERSATION_FEATURES).push_to_hub("user/tiny-conversations")
+
+    loaded = load_dataset("user/tiny-conversations", split="train")
+    assert loaded.features == CONVERSATION_FEATURES
+    assert loaded["id"] == rows["id"] and loaded["messages"] == rows["messages"]
+    assert [len(row) for row in loaded["images"]] == [1, 2]
+    assert all(same_pixels(got, sent) for got, sent in zip(sum(loaded["images"], []), images, strict=True))

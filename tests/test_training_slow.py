@@ -1,0 +1,90 @@
+"""The training scripts as users launch them: from the command line with a YAML recipe, killed and resumed,
+and under torchrun with two processes (gloo on the CPU)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.slow
+
+
+def write_recipe(path: Path, **entries) -> Path:
+    path.write_text(yaml.safe_dump(entries))
+    return path
+
+
+def tiny_stage1_recipe(backbones, path, **overrides):
+    entries = dict(
+        vision_model=backbones["siglip"], text_model=backbones["llama"], max_samples=32, per_device_train_batch_size=4,
+        max_steps=4, learning_rate=0.01, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+    )
+    return write_recipe(path, **(entries | overrides))
+
+
+def run(command, **kwargs):
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_both_scripts_run_from_the_command_line_with_yaml_recipes(backbones, tmp_path):
+    """train_stage1.py then train_stage2.py, each with --config, leave folders that from_pretrained loads."""
+    from hf_vlm import VLMForConditionalGeneration, VLMProcessor
+
+    stage1 = tiny_stage1_recipe(backbones, tmp_path / "stage1.yaml", output_dir=str(tmp_path / "s1"))
+    run([sys.executable, "scripts/train_stage1.py", "--config", str(stage1)])
+    stage2 = write_recipe(
+        tmp_path / "stage2.yaml", model_name_or_path=str(tmp_path / "s1"), output_dir=str(tmp_path / "s2"), max_samples=16,
+        per_device_train_batch_size=4, max_steps=3, learning_rate=0.001, projector_learning_rate=0.01, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+    )
+    run([sys.executable, "scripts/train_stage2.py", "--config", str(stage2)])
+    for folder in ("s1", "s2"):
+        assert VLMForConditionalGeneration.from_pretrained(tmp_path / folder) and VLMProcessor.from_pretrained(tmp_path / folder)
+        assert (tmp_path / folder / "loss.png").is_file()
+
+
+def test_killed_run_resumes_to_the_uninterrupted_weights(backbones, tmp_path):
+    """A stage-1 run killed with SIGKILL and resumed from its last checkpoint ends with the uninterrupted run's weights."""
+    settings = dict(max_steps=40, save_strategy="steps", save_steps=10, learning_rate=0.01, max_samples=64)
+    whole = tiny_stage1_recipe(backbones, tmp_path / "whole.yaml", output_dir=str(tmp_path / "whole"), **settings)
+    run([sys.executable, "scripts/train_stage1.py", "--config", str(whole)])
+
+    cut = tiny_stage1_recipe(backbones, tmp_path / "cut.yaml", output_dir=str(tmp_path / "cut"), **settings)
+    process = subprocess.Popen([sys.executable, "scripts/train_stage1.py", "--config", str(cut)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = tmp_path / "cut" / "checkpoint-10" / "trainer_state.json"
+    while not first_checkpoint.exists() and process.poll() is None:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (tmp_path / "cut" / "model.safetensors").exists(), "the run finished before it was killed"
+
+    run([sys.executable, "scripts/train_stage1.py", "--config", str(cut), "--resume_from_checkpoint", "true"])
+    expected, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    projector = [k for k in expected if "multi_modal_projector" in k]
+    assert projector and max((expected[k] - resumed[k]).abs().max().item() for k in expected) <= 1e-6
+
+
+def test_two_process_torchrun_stage1_ends_with_identical_weights(backbones, tmp_path):
+    """torchrun --nproc_per_node 2 runs stage 1 (gloo on CPU); both ranks end with the same trained weights."""
+    recipe = tiny_stage1_recipe(backbones, tmp_path / "ddp.yaml", output_dir=str(tmp_path / "ddp"))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run([str(torchrun), "--nproc_per_node", "2", "tests/launch/stage1_per_rank.py", "--config", str(recipe)])
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{i}.pt") for i in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    first, second = ranks[0]["weights"], ranks[1]["weights"]
+    assert first.keys() == second.keys() and all("multi_modal_projector" in k for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    saved = load_file(tmp_path / "ddp" / "model.safetensors")
+    assert all(torch.equal(saved[k], first[k]) for k in first)
