@@ -172,3 +172,18 @@ def test_real_sheet_has_the_measured_layout():
     assert "grinning face" in row["caption"].lower()
     r, g, b = np.asarray(row["image"], dtype=int)[32, 32]  # the middle of the face is yellow
     assert r > 200 and g > 150 and b < 100
+
+
+def test_emoji_stage1_batch_gives_finite_loss(fake_npm, tmp_path, built):
+    """A stage-1 batch of emoji captions runs through the tiny model with a finite loss on the captions."""
+    import torch
+
+    from hf_vlm.data import CaptionCollator
+
+    model, processor = built
+    rows = list(emoji_captions(cache=tmp_path))
+    batch = CaptionCollator(processor)(rows)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+    kept = batch["labels"][0][batch["labels"][0] != -100]
+    assert processor.tokenizer.decode(kept) == rows[0]["caption"] + "<|im_end|>"

@@ -122,3 +122,18 @@ def test_set_trainable_and_param_groups(built):
     model.train()
     assert model.model.language_model.training and not model.model.vision_tower.training
     model.eval()
+
+
+@pytest.mark.parametrize("recipe", sorted((SCRIPTS / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses_into_its_script_arguments(recipe):
+    """Each YAML recipe names only fields its script's dataclasses have (bf16 switched off: no GPU here)."""
+    import yaml
+    from trl import TrlParser
+
+    types = {
+        "stage1": (ModelArguments, stage1.DataArguments, TrainingArguments),
+        "stage2": (ModelArguments, stage2.DataArguments, stage2.TuningArguments, SFTConfig),
+    }[recipe.name.split("_")[0]]
+    entries = yaml.safe_load(recipe.read_text()) | {"bf16": False}
+    parsed = TrlParser(types).parse_dict(entries)
+    assert parsed[-1].output_dir == entries["output_dir"]

@@ -225,3 +225,16 @@ def check_efficientnet_lite0(
 
 def _write_card(folder: Path, provenance: str) -> None:
     (folder / "README.md").write_text(f"# {folder.name}\n\n{provenance}\n\nConverted by `hf_vlm.pretrained_parts`.\n")
+
+
+if __name__ == "__main__":
+    # Print a part's folder (fetching and converting it the first time), for recipes' command lines:
+    #   python -m hf_vlm.pretrained_parts smollm2
+    #   python -m hf_vlm.pretrained_parts efficientnet_lite0 128
+    import sys
+
+    parts = {"smollm2": smollm2_135m_instruct, "efficientnet_lite0": efficientnet_lite0}
+    if len(sys.argv) < 2 or sys.argv[1] not in parts:
+        sys.exit(f"usage: python -m hf_vlm.pretrained_parts {{{'|'.join(parts)}}} [image_size]")
+    extra = {"image_size": int(sys.argv[2])} if len(sys.argv) > 2 else {}
+    print(parts[sys.argv[1]](**extra))

@@ -17,7 +17,7 @@ import numpy as np
 from datasets import Dataset
 from PIL import Image
 
-from .schema import CAPTION_FEATURES, EASY_VQA_FEATURES
+from .schema import CAPTION_FEATURES, CONVERSATION_FEATURES, EASY_VQA_FEATURES
 
 SHAPES = ("circle", "rectangle", "triangle")
 # The exact RGB values easy-VQA paints each colour with (measured on every image whose colour a
@@ -94,6 +94,33 @@ def easy_vqa_conversations(split: str = "train", limit: int | None = None) -> Da
         rows["question_type"].append(question_type(answers[index]))
         rows["answer"].append(answers[index])
     return Dataset.from_dict(rows, features=EASY_VQA_FEATURES)
+
+
+def easy_vqa_dialogues(split: str = "train", seed: int = 0) -> Dataset:
+    """easy-VQA as one multi-turn conversation per image: all of an image's questions, in a seeded order.
+
+    The image comes once, in the first user turn; every later turn is a question and its answer. Training on
+    these pays for an image's tokens (and its vision-tower pass) once per ~10 answers instead of once per answer.
+    Returns a Dataset with `CONVERSATION_FEATURES`; ids are "easy_vqa-train-img0007".
+    """
+    (texts, answers, image_ids), paths = _load_split(split)
+    by_image = {}
+    for text, answer, image_id in zip(texts, answers, image_ids):
+        by_image.setdefault(image_id, []).append((text, answer))
+    rows = {"id": [], "images": [], "messages": []}
+    for image_id in sorted(by_image):
+        sample_id = f"easy_vqa-{split}-img{image_id:04d}"
+        pairs = by_image[image_id]
+        random.Random(f"{seed}/{sample_id}").shuffle(pairs)
+        messages = []
+        for turn, (text, answer) in enumerate(pairs):
+            image_block = [{"type": "image", "text": None}] if turn == 0 else []
+            messages.append({"role": "user", "content": image_block + [{"type": "text", "text": text}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        rows["id"].append(sample_id)
+        rows["images"].append([{"bytes": None, "path": paths[image_id]}])
+        rows["messages"].append(messages)
+    return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
 
 
 def easy_vqa_captions(split: str = "train", seed: int = 0) -> Dataset:

@@ -4,12 +4,12 @@ import os
 
 from datasets import Dataset, concatenate_datasets
 
-from .easy_vqa import easy_vqa_captions, easy_vqa_conversations
+from .easy_vqa import easy_vqa_captions, easy_vqa_conversations, easy_vqa_dialogues
 from .llava import load_llava_instruct, load_llava_pretrain
 from .synthetic import synthetic_captions
 
 CAPTION_SOURCES = ("easy_vqa", "synthetic", "emoji")
-CONVERSATION_SOURCES = ("easy_vqa",)
+CONVERSATION_SOURCES = ("easy_vqa", "easy_vqa_dialogues")
 
 
 def caption_dataset(sources: str, split: str = "train", max_samples: int | None = None, seed: int = 0, image_folder: str | None = None) -> Dataset:
@@ -36,14 +36,25 @@ def caption_dataset(sources: str, split: str = "train", max_samples: int | None 
 
 
 def conversation_dataset(source: str, split: str = "train", max_samples: int | None = None, seed: int = 0, image_folder: str | None = None) -> Dataset:
-    """Conversation-shape data for stage 2: `easy_vqa` or a LLaVA-Instruct JSON/JSONL file."""
+    """Conversation-shape data for stage 2: a name in `CONVERSATION_SOURCES` or a LLaVA-Instruct JSON/JSONL file.
+
+    Adds a `length` column (characters of message text), which `train_sampling_strategy: group_by_length`
+    uses to batch conversations of similar length and so pad less.
+    """
     if source == "easy_vqa":
         dataset = easy_vqa_conversations(split)
+    elif source == "easy_vqa_dialogues":
+        dataset = easy_vqa_dialogues(split, seed=seed)
     elif os.path.isfile(source):
         dataset = load_llava_instruct(source, image_folder)
     else:
-        raise ValueError(f"Unknown conversation source {source!r}: use easy_vqa or a LLaVA-Instruct JSON/JSONL file.")
-    return _take(dataset, max_samples, seed)
+        raise ValueError(f"Unknown conversation source {source!r}: use {', '.join(CONVERSATION_SOURCES)} or a LLaVA-Instruct JSON/JSONL file.")
+    dataset = _take(dataset, max_samples, seed)
+    return dataset.map(lambda messages: {"length": _text_length(messages)}, input_columns=["messages"])
+
+
+def _text_length(messages: list[dict]) -> int:
+    return sum(len(block["text"] or "") for message in messages for block in message["content"])
 
 
 def _take(dataset: Dataset, max_samples: int | None, seed: int) -> Dataset:
