@@ -70,16 +70,18 @@ class MLPProjector(nn.Module):
 
 
 class PixelShuffleProjector(nn.Module):
-    """Space-to-depth by factor r on the patch grid, then one linear map: r*r fewer tokens.
+    """Space-to-depth by factor r on the patch grid, then LayerNorm and one linear map: r*r fewer tokens.
 
     As in InternVL (https://arxiv.org/abs/2404.16821) and SmolVLM (https://arxiv.org/abs/2504.05299):
-    each r x r block of neighbouring patches becomes one token with r*r times the channels.
+    each r x r block of neighbouring patches becomes one token with r*r times the channels. The
+    LayerNorm is InternVL's; it puts features of any encoder (a CNN's unnormalised maps too) on one scale.
     """
 
     def __init__(self, config):
         super().__init__()
         in_size, out_size = _projector_sizes(config)
         self.factor = config.pixel_shuffle_factor
+        self.norm = nn.LayerNorm(in_size * self.factor**2)
         self.linear = nn.Linear(in_size * self.factor**2, out_size, bias=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,7 @@ class PixelShuffleProjector(nn.Module):
         side = math.isqrt(num_patches) // r
         # (B, N, C) -> (B, side, r, side, r, C) -> (B, side, side, r, r, C) -> (B, side*side, r*r*C)
         blocks = features.reshape(batch, side, r, side, r, channels).permute(0, 1, 3, 2, 4, 5)
-        return self.linear(blocks.reshape(batch, side * side, r * r * channels))
+        return self.linear(self.norm(blocks.reshape(batch, side * side, r * r * channels)))
 
     @staticmethod
     def num_tokens(config, num_patches: int) -> int:
