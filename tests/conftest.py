@@ -65,6 +65,17 @@ def model():
     return tiny_model()
 
 
+# The start of a subprocess script that runs as on a machine without hf_vlm (remote-code checks).
+WITHOUT_HF_VLM = """
+import sys
+sys.modules["hf_vlm"] = None  # `import hf_vlm` now fails, as on a machine without it
+try:
+    import hf_vlm
+    raise SystemExit("hf_vlm is importable")
+except ImportError:
+    pass
+"""
+
 CORPUS = ["What is in the image? A red circle. Two blue squares. Is there a green triangle? yes no", "user assistant system"]
 
 

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import WITHOUT_HF_VLM
 import torch
 from datasets import Dataset, load_dataset
 from huggingface_hub import HfApi, ModelCard
@@ -42,14 +43,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[name], sb[name]), name
 
 
-REMOTE_SCRIPT = """
-import sys
-sys.modules["hf_vlm"] = None  # `import hf_vlm` now fails, as on a machine without it
-try:
-    import hf_vlm
-    raise SystemExit("hf_vlm is importable")
-except ImportError:
-    pass
+REMOTE_SCRIPT = WITHOUT_HF_VLM + """
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor

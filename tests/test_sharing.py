@@ -5,6 +5,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import WITHOUT_HF_VLM
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
@@ -54,14 +55,7 @@ def test_saved_folder_carries_its_code_and_auto_map(saved):
     }
 
 
-REMOTE_SCRIPT = """
-import sys
-sys.modules["hf_vlm"] = None  # `import hf_vlm` now fails, as on a machine without it
-try:
-    import hf_vlm
-    raise SystemExit("hf_vlm is importable")
-except ImportError:
-    pass
+REMOTE_SCRIPT = WITHOUT_HF_VLM + """
 import torch
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 folder = sys.argv[1]
