@@ -113,8 +113,9 @@ def main(args: DemoArguments) -> dict:
         results = run_eval.main(run_eval.EvalArguments(model_name_or_path=str(out / "stage2"), output_dir=str(out / "eval"), limit=questions))
 
     with clock("answers and model folder"):
-        answers = show_answers(trained, out / "stage2")
-        save_model_folder(out / "stage2", out / "model", results, stage1, stage2)
+        processor = AutoProcessor.from_pretrained(out / "stage2")
+        answers = show_answers(trained, processor, out / "stage2")
+        save_model_folder(trained, processor, out / "model", results, stage1, stage2)
 
     summary = {"timings_s": clock.seconds, "total_s": round(sum(clock.seconds.values()), 1), "metrics": results["metrics"], "answers": answers}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
@@ -125,10 +126,9 @@ def main(args: DemoArguments) -> dict:
     return summary
 
 
-def show_answers(trained, folder: Path, count: int = 6) -> list[dict]:
+def show_answers(trained, processor, folder: Path, count: int = 6) -> list[dict]:
     """Answer a few held-out questions with the trained model, then check the saved folder answers the same."""
     questions = run_eval.load_questions(count, seed=1)
-    processor = AutoProcessor.from_pretrained(folder)
     before = generate_answers(trained, processor, questions, batch_size=count)
     reloaded = AutoModelForImageTextToText.from_pretrained(folder)
     after = generate_answers(reloaded, processor, questions, batch_size=count)
@@ -144,10 +144,11 @@ def show_answers(trained, folder: Path, count: int = 6) -> list[dict]:
     return rows
 
 
-def save_model_folder(trained_folder: Path, target: Path, results: dict, stage1: list, stage2: list) -> None:
-    """The final model with processor, remote code and a model card (README.md), ready for `hf_vlm.hub.push`."""
-    model = AutoModelForImageTextToText.from_pretrained(trained_folder)
-    processor = AutoProcessor.from_pretrained(trained_folder)
+def save_model_folder(model, processor, target: Path, results: dict, stage1: list, stage2: list) -> None:
+    """The final model with processor, remote code and a model card (README.md), ready for `hf_vlm.hub.push`.
+
+    `model` is the trained one, which `show_answers` has just checked against its saved folder.
+    """
     model.save_pretrained(target)
     processor.save_pretrained(target)
     metrics = {f"vqa_accuracy_{group}": values["accuracy"] for group, values in results["metrics"].items()}
