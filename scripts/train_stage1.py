@@ -1,6 +1,8 @@
 """Stage 1, feature alignment: train the projector on image-caption pairs; vision tower and LM frozen.
 
-Loss falls on the caption only (hf_vlm.data.CaptionCollator). Driven by a plain transformers Trainer.
+Loss falls on the caption only (hf_vlm.data.CaptionCollator). Driven by a plain transformers Trainer. The frozen
+tower encodes each image once into a disk cache (`--cache_vision_features false` turns that off), which stage 2
+and later runs reuse.
 
     python scripts/train_stage1.py --config scripts/configs/stage1_offline.yaml
     torchrun --nproc_per_node 2 scripts/train_stage1.py --config scripts/configs/stage1_offline.yaml
@@ -17,6 +19,7 @@ from trl import TrlParser
 from hf_vlm.build import ModelArguments, load_vlm
 from hf_vlm.data.collators import DEFAULT_CAPTION_PROMPT, CaptionCollator
 from hf_vlm.data.sources import caption_dataset
+from hf_vlm.feature_cache import prepare_feature_cache
 from hf_vlm.training import checkpoint_to_resume, save_run, set_trainable
 
 
@@ -38,13 +41,14 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     # Dataset: captions; the collator renders them as chat turns and keeps the raw columns it needs.
     dataset = caption_dataset(data_args.dataset, max_samples=data_args.max_samples, seed=training_args.seed, image_folder=data_args.image_folder)
     training_args.remove_unused_columns = False
+    cache = prepare_feature_cache(model, processor, dataset, training_args, model_args.feature_cache_dir) if model_args.cache_vision_features else None
 
     # Training
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=CaptionCollator(processor, prompt=data_args.prompt, max_length=data_args.max_length),
+        data_collator=CaptionCollator(processor, prompt=data_args.prompt, max_length=data_args.max_length, feature_cache=cache),
     )
     trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
     save_run(trainer, processor, training_args.output_dir)

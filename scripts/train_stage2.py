@@ -1,7 +1,8 @@
 """Stage 2, instruction tuning: train projector and language model (full or LoRA) on conversations.
 
-The vision tower stays frozen; loss falls on the assistant's answers only (hf_vlm.data.ConversationCollator).
-Driven by TRL's SFTTrainer. Start from stage 1's output folder:
+The vision tower stays frozen, and its features come from the disk cache (`--cache_vision_features`); loss falls
+on the assistant's answers only (hf_vlm.data.ConversationCollator). Driven by TRL's SFTTrainer (hf_vlm's
+`VLMSFTTrainer`, whose loss projects only the answer positions on every device). Start from stage 1's output folder:
 
     python scripts/train_stage2.py --config scripts/configs/stage2_offline.yaml
     torchrun --nproc_per_node 2 scripts/train_stage2.py --config scripts/configs/stage2_offline.yaml
@@ -12,12 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import set_seed
-from trl import SFTConfig, SFTTrainer, TrlParser
+from trl import SFTConfig, TrlParser
 
 from hf_vlm.build import ModelArguments, load_vlm
 from hf_vlm.data.collators import ConversationCollator
 from hf_vlm.data.sources import conversation_dataset
-from hf_vlm.training import apply_lora, checkpoint_to_resume, param_groups, save_run, set_trainable
+from hf_vlm.feature_cache import prepare_feature_cache
+from hf_vlm.training import VLMSFTTrainer, apply_lora, checkpoint_to_resume, param_groups, save_run, set_trainable
 
 
 @dataclass
@@ -35,7 +37,7 @@ class TuningArguments:
     lora_alpha: int = 32
 
 
-def main(model_args: ModelArguments, data_args: DataArguments, tuning_args: TuningArguments, training_args: SFTConfig) -> SFTTrainer:
+def main(model_args: ModelArguments, data_args: DataArguments, tuning_args: TuningArguments, training_args: SFTConfig) -> VLMSFTTrainer:
     # Model: projector and language model train (the LM through adapters with LoRA); the vision tower does not.
     set_seed(training_args.seed)  # a new projector or LoRA adapters start from random weights
     model, processor = load_vlm(model_args)
@@ -50,14 +52,15 @@ def main(model_args: ModelArguments, data_args: DataArguments, tuning_args: Tuni
     dataset = conversation_dataset(data_args.dataset, max_samples=data_args.max_samples, seed=training_args.seed, image_folder=data_args.image_folder)
     training_args.dataset_kwargs = {"skip_prepare_dataset": True}
     training_args.remove_unused_columns = False
+    cache = prepare_feature_cache(model, processor, dataset, training_args, model_args.feature_cache_dir) if model_args.cache_vision_features else None
 
     # Training
-    trainer = SFTTrainer(
+    trainer = VLMSFTTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         processing_class=processor,
-        data_collator=ConversationCollator(processor, max_length=training_args.max_length),
+        data_collator=ConversationCollator(processor, max_length=training_args.max_length, feature_cache=cache),
         optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups}),
     )
     trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))

@@ -5,13 +5,14 @@ import os
 import shutil
 import tempfile
 
-# A private Hugging Face home for the whole session, set before transformers and evaluate read it at import:
-# no test reads or writes the user's caches, and nothing is fetched from the Hub (the `hub` fixture serves a
-# loopback Hub where a test needs one).
+# A private Hugging Face home and hf_vlm cache for the whole session, set before transformers and evaluate read
+# them at import: no test reads or writes the user's caches (feature caches included), and nothing is fetched from
+# the Hub (the `hub` fixture serves a loopback Hub where a test needs one).
 HF_HOME = tempfile.mkdtemp(prefix="hf_vlm_tests_")
 atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
 os.environ.update(
     HF_HOME=HF_HOME,
+    HF_VLM_CACHE=os.path.join(HF_HOME, "hf_vlm"),
     HF_MODULES_CACHE=os.path.join(HF_HOME, "modules"),
     HF_METRICS_CACHE=os.path.join(HF_HOME, "metrics"),
     HF_HUB_OFFLINE="1",

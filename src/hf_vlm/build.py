@@ -177,6 +177,10 @@ class ModelArguments:
     vision_feature_layer: int | None = field(default=None, metadata={"help": "Hidden state fed to the projector."})
     projector_num_tokens: int = field(default=64, metadata={"help": "Tokens per image for c_abstractor / resampler."})
     pixel_shuffle_factor: int = field(default=2, metadata={"help": "r for pixel_shuffle."})
+    cache_vision_features: bool = field(
+        default=True, metadata={"help": "Encode each image once with the frozen tower and train on the stored features."}
+    )
+    feature_cache_dir: str | None = field(default=None, metadata={"help": "Root of the feature cache; default $HF_VLM_CACHE/vision_features."})
 
 
 def load_vlm(args: ModelArguments) -> tuple[VLMForConditionalGeneration, VLMProcessor]:

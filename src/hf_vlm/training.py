@@ -9,6 +9,9 @@ import copy
 
 import torch
 from torch import nn
+from transformers import Trainer
+from trl import SFTTrainer
+from trl.kernels.chunked_logprob import _use_triton
 
 # Part name -> attribute of `VLMModel`; `lm_head` belongs to the language part.
 PARTS = {"vision": "vision_tower", "projector": "multi_modal_projector", "language": "language_model"}
@@ -139,3 +142,40 @@ def checkpoint_to_resume(args) -> str | None:
     if last is None:
         raise ValueError(f"--resume_from_checkpoint {value}: there is no checkpoint-N folder in {args.output_dir}.")
     return last
+
+
+class VLMSFTTrainer(SFTTrainer):
+    """TRL's `SFTTrainer`, with a loss that projects only the labelled positions through the LM head on any device.
+
+    TRL's fused LM head keeps only the labelled positions on Triton devices (CUDA, XPU) and scores every position
+    elsewhere, the CPU included, to keep tile shapes fixed for compilers such as Neuron's
+    (`trl.kernels.chunked_logprob._use_triton`). A stage-2 sample has ~27 positions and an answer of ~2 tokens,
+    so off Triton this trainer lets the model compute its loss, which projects labelled positions only
+    (`VLMForConditionalGeneration.forward`), through `Trainer.compute_loss` (its scaling for `num_items_in_batch`
+    and multiple processes included), and logs the same `entropy` and `mean_token_accuracy` as TRL.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        plain_nll = self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
+        if _use_triton(self.accelerator.device) or not plain_nll or self.aux_loss_enabled:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+        # The logits are those of the labelled positions, in the order of `shift_labels[shift_labels != -100]`.
+        with torch.no_grad():
+            shift_labels = nn.functional.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
+            targets = shift_labels[shift_labels != -100]
+            log_probs = outputs.logits.float().log_softmax(-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            gather = self.accelerator.gather_for_metrics
+            num_valid = gather(torch.tensor(targets.numel(), device=targets.device)).sum()
+            entropy_sum = gather(entropy.sum()).sum()
+            num_correct = gather((outputs.logits.argmax(-1) == targets).sum()).sum()
+        self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss

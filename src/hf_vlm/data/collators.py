@@ -19,12 +19,15 @@ class ConversationCollator:
         max_length: truncate longer samples; truncation that would cut image tokens raises and says which
             `max_length` is needed.
         assistant_only_loss: if False, the loss also covers the prompt text (never padding or image tokens).
+        feature_cache: a `hf_vlm.feature_cache.VisionFeatureCache` holding every image of the data; batches then
+            carry `vision_features` from it instead of `pixel_values`, and the frozen tower does not run.
     """
 
-    def __init__(self, processor, max_length: int | None = None, assistant_only_loss: bool = True):
+    def __init__(self, processor, max_length: int | None = None, assistant_only_loss: bool = True, feature_cache=None):
         self.processor = processor
         self.max_length = max_length
         self.assistant_only_loss = assistant_only_loss
+        self.feature_cache = feature_cache
 
     def __call__(self, rows: list[dict]) -> dict:
         images = [[image.convert("RGB") for image in row.get("images") or []] for row in rows]  # per conversation
@@ -43,6 +46,10 @@ class ConversationCollator:
         )
         assistant_masks = batch.pop("assistant_masks", None)
         batch["labels"] = make_labels(batch["input_ids"], batch["attention_mask"], self.processor.image_token_id, assistant_masks)
+        if self.feature_cache is not None and "pixel_values" in batch:
+            # The processor still expands placeholders and makes pixel_values (milliseconds); the tower is what is saved.
+            del batch["pixel_values"]
+            batch["vision_features"] = self.feature_cache.lookup([image for sample in images for image in sample])
         return dict(batch)
 
 
@@ -64,9 +71,9 @@ def caption_to_conversation(row: dict, prompt: str = DEFAULT_CAPTION_PROMPT) -> 
 class CaptionCollator:
     """Stage 1: rows in the caption shape (`image`, `caption`) -> a batch whose loss is on the caption only."""
 
-    def __init__(self, processor, prompt: str = DEFAULT_CAPTION_PROMPT, max_length: int | None = None):
+    def __init__(self, processor, prompt: str = DEFAULT_CAPTION_PROMPT, max_length: int | None = None, feature_cache=None):
         self.prompt = prompt
-        self.collate = ConversationCollator(processor, max_length=max_length)
+        self.collate = ConversationCollator(processor, max_length=max_length, feature_cache=feature_cache)
 
     def __call__(self, rows: list[dict]) -> dict:
         return self.collate([caption_to_conversation(row, self.prompt) for row in rows])

@@ -92,7 +92,7 @@ class VLMConfig(PreTrainedConfig):
                 "(hf_vlm.build_vlm measures them from the vision model)."
             )
 
-        num_patches = self.vision_grid_size**2 + (1 if self.vision_has_cls_token and not self.drop_cls_token else 0)
+        num_patches = self.vision_num_patches
         seq_length = PROJECTORS[self.projector_type].num_tokens(self, num_patches)
         if self.image_seq_length is not None and self.image_seq_length != seq_length:
             raise ValueError(
@@ -104,6 +104,17 @@ class VLMConfig(PreTrainedConfig):
     @property
     def vision_has_cls_token(self) -> bool:
         return self.vision_config.model_type in CLS_TOKEN_MODEL_TYPES
+
+    @property
+    def vision_num_patches(self) -> int:
+        """N, the patches per image that reach the projector (the grid, plus a CLS token that is kept)."""
+        return self.vision_grid_size**2 + (1 if self.vision_has_cls_token and not self.drop_cls_token else 0)
+
+    @property
+    def vision_feature_size(self) -> int:
+        """C, the channels per patch that reach the projector (selected layers are concatenated)."""
+        layers = self.vision_feature_layer
+        return self.vision_hidden_size * (len(layers) if isinstance(layers, list) else 1)
 
     def validate_architecture(self):
         """Part of `@strict` validation: options that the derived fields do not already check."""

@@ -4,6 +4,10 @@ The layout follows transformers' Llava (`model.vision_tower`, `model.multi_modal
 `model.language_model`, `lm_head`), so state dict keys line up with Llava's and the machinery that
 keys on these names works: `generate` runs `get_image_features` once before prefill and drops image
 inputs afterwards, and TRL's `SFTTrainer` calls `model.base_model(...)` for its loss.
+
+Images enter in one of three forms: `pixel_values` (the tower runs), `vision_features` (the tower's output,
+e.g. from `hf_vlm.feature_cache` while the tower is frozen; only the projector runs), or
+`mm_encoder_outputs` (image tokens `get_image_features` already made; `generate` passes these).
 """
 
 import torch
@@ -11,6 +15,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 
 from .configuration_vlm import VLMConfig
 from .projectors import PROJECTORS, ResamplerProjector
@@ -80,15 +85,12 @@ class VLMModel(VLMPreTrainedModel):
                 f"{size}x{size} (config.image_size); VLMProcessor resizes images to that size."
             )
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """Encode images into image tokens.
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Run the vision tower: (num_images, channels, image_size, image_size) -> (num_images, N, C).
 
-        Args:
-            pixel_values: (num_images, channels, image_size, image_size), all images of the batch in text order.
-
-        Returns:
-            `BaseModelOutputWithPooling` whose `pooler_output` is a list with one (image_seq_length, text hidden)
-            tensor per image.
+        N and C are what the projector reads: the selected hidden states (`vision_feature_layer`, a list
+        concatenated on channels), a CNN map flattened row-major, the CLS token dropped when `drop_cls_token`.
+        While the tower is frozen these never change for an image, so `hf_vlm.feature_cache` stores them.
         """
         self._check_pixel_values(pixel_values)
         layers = self.config.vision_feature_layer
@@ -105,9 +107,38 @@ class VLMModel(VLMPreTrainedModel):
         selected = [f.flatten(2).transpose(1, 2) if f.ndim == 4 else f for f in selected]
         if self.config.drop_cls_token:
             selected = [f[:, 1:] for f in selected]
-        features = torch.cat(selected, dim=-1)  # (num_images, num_patches, vision_hidden * num_layers)
-        image_tokens = self.multi_modal_projector(features)  # (num_images, image_seq_length, text hidden)
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=list(image_tokens))
+        return torch.cat(selected, dim=-1)  # (num_images, num_patches, vision_hidden * num_layers)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """Encode images into image tokens, from pixels or from the tower's stored output.
+
+        Args:
+            pixel_values: (num_images, channels, image_size, image_size), all images of the batch in text order.
+            vision_features: (num_images, N, C), what `get_vision_features` returns for those images.
+
+        Returns:
+            `BaseModelOutputWithPooling` whose `last_hidden_state` is the (num_images, N, C) vision features and
+            whose `pooler_output` is a list with one (image_seq_length, text hidden) tensor per image.
+        """
+        if (pixel_values is None) == (vision_features is None):
+            raise ValueError("get_image_features takes exactly one of pixel_values or vision_features.")
+        if vision_features is None:
+            vision_features = self.get_vision_features(pixel_values)
+        else:
+            self._check_vision_features(vision_features)
+        projector_dtype = next(self.multi_modal_projector.parameters()).dtype
+        image_tokens = self.multi_modal_projector(vision_features.to(projector_dtype))  # (num_images, image_seq_length, text hidden)
+        return BaseModelOutputWithPooling(last_hidden_state=vision_features, pooler_output=list(image_tokens))
+
+    def _check_vision_features(self, vision_features: torch.Tensor):
+        patches, channels = self.config.vision_num_patches, self.config.vision_feature_size
+        if vision_features.ndim != 3 or tuple(vision_features.shape[1:]) != (patches, channels):
+            raise ValueError(
+                f"vision_features must be (num_images, {patches}, {channels}) for this model's tower, got "
+                f"{tuple(vision_features.shape)}; they are what get_vision_features returns."
+            )
 
     def _merge_image_tokens(self, input_ids, inputs_embeds, image_features: list[torch.Tensor]) -> torch.Tensor:
         """Write image features into the positions of `image_token_id`, checking that the counts agree."""
@@ -139,18 +170,23 @@ class VLMModel(VLMPreTrainedModel):
         cache=None,
         inputs_embeds: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
+        vision_features: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """`pixel_values` holds every image of the batch in text order; `mm_encoder_outputs={"image": ...}` passes
-        features that `get_image_features` already computed (`generate` does this once, before prefill)."""
+        """Images come as one of: `pixel_values` (every image of the batch in text order), `vision_features` (the
+        tower's output for them, see `get_vision_features`), or `mm_encoder_outputs={"image": ...}` (what
+        `get_image_features` returned; `generate` computes it once, before prefill)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        given = [name for name, value in [("pixel_values", pixel_values), ("vision_features", vision_features), ("mm_encoder_outputs", image_outputs)] if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"Images came twice, as {' and '.join(given)}: pass one of pixel_values, vision_features or mm_encoder_outputs.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
 
-        image_outputs = (mm_encoder_outputs or {}).get("image")
-        if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values)
+        if pixel_values is not None or vision_features is not None:
+            image_outputs = self.get_image_features(pixel_values=pixel_values, vision_features=vision_features)
         if image_outputs is not None:
             inputs_embeds = self._merge_image_tokens(input_ids, inputs_embeds, image_outputs.pooler_output)
 
@@ -180,8 +216,23 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Module):
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, **kwargs)
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_vision_features(pixel_values)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values=pixel_values, vision_features=vision_features, **kwargs)
+
+    def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
+        # `generate` runs `get_image_features` before prefill only when it sees pixel inputs, and would drop
+        # `vision_features` unused; route them the same way, so the projector runs once and beams expand them alike.
+        vision_features = model_kwargs.pop("vision_features", None)
+        if vision_features is not None:
+            if model_kwargs.get("pixel_values") is not None:
+                raise ValueError("Images came twice, as pixel_values and vision_features: pass one of them.")
+            model_kwargs.setdefault("mm_encoder_outputs", {})["image"] = self.get_image_features(vision_features=vision_features)
+        return super()._prepare_multimodal_encoder_kwargs_for_generation(model_kwargs)
 
     def forward(
         self,
@@ -194,8 +245,17 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict | None = None,
+        vision_features: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """Logits, and with `labels` a causal LM loss (labels are shifted inside; -100 is ignored).
+
+        With `labels`, only the positions whose next token carries a label go through `lm_head`: `logits` is then
+        (num_labelled, vocab), those positions in row-major order, as `slice_logits_to_keep` returns them for a
+        boolean mask, and the loss equals the full computation's. The head is `vocab x hidden` (a fifth of a 135M
+        LM's arithmetic for a 49k vocabulary) and an answer is a few of a sample's tokens. Call without `labels`
+        (or with a non-zero `logits_to_keep`) for (batch, seq_len', vocab) logits.
+        """
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -204,16 +264,25 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
+            vision_features=vision_features,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, D)
-        # Generation asks for the last position's logits only.
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])  # (B, T', vocab)
-
+        vocab_size = self.config.text_config.vocab_size
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            # Position t predicts token t+1; `shift_labels` may come pre-shifted (sequence parallelism).
+            shift_labels = kwargs.pop("shift_labels", None)
+            if shift_labels is None:
+                shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
+            labelled = shift_labels != -100
+            logits = self.lm_head(slice_logits_to_keep(hidden_states, labelled))  # (num_labelled, vocab)
+            loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels[labelled], vocab_size=vocab_size, **kwargs)
+        else:
+            # Generation asks for the last position's logits only (logits_to_keep=1).
+            logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))  # (B, T', vocab)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(
             loss=loss,

@@ -17,9 +17,7 @@ from torch import nn
 
 def _projector_sizes(config) -> tuple[int, int]:
     """(input channels, output channels): selected vision layers are concatenated on channels."""
-    layers = config.vision_feature_layer
-    num_layers = len(layers) if isinstance(layers, list) else 1
-    return config.vision_hidden_size * num_layers, config.text_config.hidden_size
+    return config.vision_feature_size, config.text_config.hidden_size
 
 
 def _square_side(num_patches: int, projector: str) -> int:
@@ -160,7 +158,7 @@ class ResamplerProjector(nn.Module):
     def __init__(self, config):
         super().__init__()
         in_size, out_size = _projector_sizes(config)
-        num_patches = config.vision_grid_size**2 + (1 if config.vision_has_cls_token and not config.drop_cls_token else 0)
+        num_patches = config.vision_num_patches
         self.queries = nn.Parameter(torch.zeros(config.projector_num_tokens, out_size))
         self.key_positions = nn.Parameter(torch.zeros(num_patches, out_size))
         self.kv_proj = nn.Linear(in_size, out_size, bias=False)
