@@ -32,7 +32,9 @@ import run_eval
 import train_stage1
 import train_stage2
 from hf_vlm.build import ModelArguments
-from hf_vlm.evaluation import generate_answers
+from hf_vlm.data import easy_vqa_captions
+from hf_vlm.evaluation import easy_vqa_caption_accuracy, easy_vqa_test_questions, generate_answers
+from hf_vlm.feature_cache import VisionFeatureCache
 from hf_vlm.hub import model_card
 from hf_vlm.pretrained_parts import efficientnet_lite0, smollm2_135m_instruct
 
@@ -98,7 +100,15 @@ def main(args: DemoArguments) -> dict:
             args.stage1_recipe, (ModelArguments, train_stage1.DataArguments, TrainingArguments), out / "stage1",
             bf16=args.bf16, **model_fields, **({"max_samples": samples} if samples else {}), **quick,
         )
-        train_stage1.main(*stage1)
+        aligned = train_stage1.main(*stage1)
+
+    with clock("stage 1 check"):
+        # Does the aligned model name colour and shape of unseen images before stage 2 starts?
+        captions = easy_vqa_captions("test").select(range(16 if args.quick else 96))
+        processor = AutoProcessor.from_pretrained(out / "stage1")
+        cache = VisionFeatureCache(aligned.model, processor)
+        caption_accuracy = easy_vqa_caption_accuracy(aligned.model, processor, captions, feature_cache=cache)
+        print("stage 1 captions of unseen images, fraction right:", caption_accuracy)
 
     with clock("stage 2"):
         samples = args.stage2_samples or (16 if args.quick else None)
@@ -110,14 +120,22 @@ def main(args: DemoArguments) -> dict:
 
     with clock("evaluation"):
         questions = 32 if args.quick else args.eval_questions
-        results = run_eval.main(run_eval.EvalArguments(model_name_or_path=str(out / "stage2"), output_dir=str(out / "eval"), limit=questions))
+        results = run_eval.main(
+            run_eval.EvalArguments(model_name_or_path=str(out / "stage2"), output_dir=str(out / "eval"), limit=questions, cache_vision_features=True)
+        )
 
     with clock("answers and model folder"):
         processor = AutoProcessor.from_pretrained(out / "stage2")
         answers = show_answers(trained, processor, out / "stage2")
         save_model_folder(trained, processor, out / "model", results, stage1, stage2)
 
-    summary = {"timings_s": clock.seconds, "total_s": round(sum(clock.seconds.values()), 1), "metrics": results["metrics"], "answers": answers}
+    summary = {
+        "timings_s": clock.seconds,
+        "total_s": round(sum(clock.seconds.values()), 1),
+        "stage1_caption_accuracy": caption_accuracy,
+        "metrics": results["metrics"],
+        "answers": answers,
+    }
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     print("\nWhere the time went:")
     for name, seconds in clock.seconds.items():
@@ -128,7 +146,7 @@ def main(args: DemoArguments) -> dict:
 
 def show_answers(trained, processor, folder: Path, count: int = 6) -> list[dict]:
     """Answer a few held-out questions with the trained model, then check the saved folder answers the same."""
-    questions = run_eval.load_questions(count, seed=1)
+    questions = easy_vqa_test_questions(count, seed=1)
     before = generate_answers(trained, processor, questions, batch_size=count)
     reloaded = AutoModelForImageTextToText.from_pretrained(folder)
     after = generate_answers(reloaded, processor, questions, batch_size=count)

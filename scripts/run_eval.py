@@ -17,8 +17,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import TrlParser
 
 import hf_vlm  # noqa: F401  (registers model_type "hf_vlm" with the Auto classes)
-from hf_vlm.data import easy_vqa_conversations
-from hf_vlm.evaluation import evaluate_vqa, markdown_table, write_reports
+from hf_vlm.evaluation import easy_vqa_test_questions, evaluate_vqa, markdown_table, write_reports
+from hf_vlm.feature_cache import VisionFeatureCache
 
 
 @dataclass
@@ -29,12 +29,8 @@ class EvalArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the shuffle that picks the fixed subset."})
     batch_size: int = field(default=16, metadata={"help": "Questions per generate call."})
     max_new_tokens: int = field(default=8, metadata={"help": "Longest answer; easy-VQA answers are one word."})
-
-
-def load_questions(limit: int | None, seed: int = 0):
-    """The fixed held-out subset: easy-VQA test questions shuffled with `seed`, first `limit`."""
-    dataset = easy_vqa_conversations("test").shuffle(seed=seed)
-    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+    cache_vision_features: bool = field(default=False, metadata={"help": "Read and store the tower's features in the feature cache."})
+    feature_cache_dir: str | None = field(default=None, metadata={"help": "Root of the feature cache; default $HF_VLM_CACHE/vision_features."})
 
 
 def main(args: EvalArguments) -> dict:
@@ -43,8 +39,9 @@ def main(args: EvalArguments) -> dict:
     model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path).to(device)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
 
-    dataset = load_questions(args.limit, args.seed)
-    results = evaluate_vqa(model, processor, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    dataset = easy_vqa_test_questions(args.limit, args.seed)
+    cache = VisionFeatureCache(model, processor, args.feature_cache_dir) if args.cache_vision_features else None
+    results = evaluate_vqa(model, processor, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, feature_cache=cache)
     results["settings"] = {**asdict(args), "split": "test", "num_questions": len(dataset)}
 
     paths = write_reports(results, dataset, args.output_dir)

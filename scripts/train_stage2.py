@@ -18,7 +18,9 @@ from trl import SFTConfig, TrlParser
 from hf_vlm.build import ModelArguments, load_vlm
 from hf_vlm.data.collators import ConversationCollator
 from hf_vlm.data.sources import conversation_dataset
+from hf_vlm.evaluation import easy_vqa_test_questions
 from hf_vlm.feature_cache import prepare_feature_cache
+from hf_vlm.learning_curve import LearningCurveCallback
 from hf_vlm.training import VLMSFTTrainer, apply_lora, checkpoint_to_resume, param_groups, save_run, set_trainable
 
 
@@ -27,6 +29,8 @@ class DataArguments:
     dataset: str = field(default="easy_vqa", metadata={"help": "easy_vqa, or a LLaVA-Instruct JSON/JSONL file."})
     image_folder: str | None = field(default=None, metadata={"help": "Images of a LLaVA-Instruct JSON."})
     max_samples: int | None = field(default=None, metadata={"help": "Train on this many conversations at most."})
+    curve_every: int | None = field(default=None, metadata={"help": "Evaluate easy-VQA accuracy every N samples (a learning curve)."})
+    curve_questions: int = field(default=300, metadata={"help": "Held-out easy-VQA test questions per learning-curve point."})
 
 
 @dataclass
@@ -53,6 +57,10 @@ def main(model_args: ModelArguments, data_args: DataArguments, tuning_args: Tuni
     training_args.dataset_kwargs = {"skip_prepare_dataset": True}
     training_args.remove_unused_columns = False
     cache = prepare_feature_cache(model, processor, dataset, training_args, model_args.feature_cache_dir) if model_args.cache_vision_features else None
+    callbacks = []
+    if data_args.curve_every:
+        questions = easy_vqa_test_questions(data_args.curve_questions)
+        callbacks.append(LearningCurveCallback(processor, questions, data_args.curve_every, f"{training_args.output_dir}/curve", feature_cache=cache))
 
     # Training
     trainer = VLMSFTTrainer(
@@ -62,6 +70,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, tuning_args: Tuni
         processing_class=processor,
         data_collator=ConversationCollator(processor, max_length=training_args.max_length, feature_cache=cache),
         optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups}),
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
     save_run(trainer, processor, training_args.output_dir)

@@ -14,6 +14,7 @@ Rows are in the conversation shape (`hf_vlm.data.schema`) plus `answer` and `que
 """
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -26,6 +27,17 @@ from . import metrics
 
 # Answers are only cut at the end: the metric's normalisation handles case, articles and inner punctuation.
 _TRAILING_PUNCTUATION = ".,;:!?"
+
+
+def easy_vqa_test_questions(limit: int | None, seed: int = 0):
+    """The fixed held-out subset: easy-VQA test questions shuffled with `seed`, first `limit` (None: all 9,673).
+
+    Its images are never trained on; every model evaluated with the same `seed` and `limit` gets the same questions.
+    """
+    from .data.easy_vqa import easy_vqa_conversations
+
+    dataset = easy_vqa_conversations("test").shuffle(seed=seed)
+    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
 
 
 def postprocess_answer(text: str) -> str:
@@ -50,13 +62,14 @@ def prompt_messages(messages: list[dict], blind: bool = False) -> list[dict]:
 
 
 def generate_answers(
-    model, processor, dataset, batch_size: int = 16, max_new_tokens: int = 16, blind: bool = False
+    model, processor, dataset, batch_size: int = 16, max_new_tokens: int = 16, blind: bool = False, feature_cache=None
 ) -> list[str]:
     """Greedy answers to each row's first user turn, post-processed (see `postprocess_answer`).
 
     Prompts come from the processor's chat template with `add_generation_prompt=True`, batched with left
     padding; generation uses the KV cache and only the new tokens are decoded. `blind=True` removes the
-    image blocks and passes no images, so the model sees the question alone.
+    image blocks and passes no images, so the model sees the question alone. With a `feature_cache`
+    (`hf_vlm.feature_cache.VisionFeatureCache`) the images' tower outputs are encoded once and reused.
     """
     model.eval()
     tokenizer = processor.tokenizer
@@ -76,6 +89,11 @@ def generate_answers(
             return_tensors="pt",
             processor_kwargs=processor_kwargs,
         ).to(model.device)
+        if feature_cache is not None and not blind:
+            images = [image for row in batch["images"] for image in row]
+            feature_cache.encode(images, progress=False)
+            inputs["vision_features"] = feature_cache.lookup(images).to(model.device)
+            del inputs["pixel_values"]
         with torch.inference_mode():
             output = model.generate(
                 **inputs,
@@ -113,13 +131,13 @@ def vqa_metrics(samples: list[dict]) -> dict:
     }
 
 
-def evaluate_vqa(model, processor, dataset, batch_size: int = 16, max_new_tokens: int = 16) -> dict:
+def evaluate_vqa(model, processor, dataset, batch_size: int = 16, max_new_tokens: int = 16, feature_cache=None) -> dict:
     """Answers with the image and blind, and their VQA accuracy overall and per `question_type`.
 
     Returns `{"metrics": vqa_metrics(samples), "samples": samples}`, one sample per row:
     `{"id", "question_type", "question", "answer", "prediction", "blind_prediction"}`.
     """
-    predictions = generate_answers(model, processor, dataset, batch_size, max_new_tokens)
+    predictions = generate_answers(model, processor, dataset, batch_size, max_new_tokens, feature_cache=feature_cache)
     blind_predictions = generate_answers(model, processor, dataset, batch_size, max_new_tokens, blind=True)
     samples = []
     # Without the image column, iterating decodes no pictures.
@@ -225,3 +243,25 @@ def plot_samples(samples: list[dict], dataset, path, columns: int = 4) -> None:
                 color=color, fontsize=9, ha="center", va="top", parse_math=False,
             )
     figure.savefig(path, dpi=100)
+
+
+def easy_vqa_caption_accuracy(model, processor, captions, batch_size: int = 16, feature_cache=None) -> dict:
+    """How often generated captions of easy-VQA images name the right colour, the right shape, and both.
+
+    `captions` is caption-shape easy-VQA data (`easy_vqa_captions`), whose captions name the truth. The model
+    is prompted as in stage 1; a caption names a colour (shape) when that word appears in it. This is the
+    check that stage 1 aligned what matters before stage 2 starts. Returns `{"n", "color", "shape", "both"}`.
+    """
+    from .data.collators import caption_to_conversation
+    from .data.easy_vqa import COLORS, SHAPES
+
+    conversations = captions.map(caption_to_conversation, remove_columns=captions.column_names)
+    generated = generate_answers(model, processor, conversations, batch_size, max_new_tokens=16, feature_cache=feature_cache)
+    scores = {"color": 0, "shape": 0, "both": 0}
+    for truth, caption in zip(captions["caption"], generated):
+        words = lambda text, vocabulary: {w for w in re.findall(r"[a-z]+", text.lower()) if w in vocabulary}  # noqa: E731
+        color, shape = words(caption, COLORS) == words(truth, COLORS), words(caption, SHAPES) == words(truth, SHAPES)
+        scores["color"] += color
+        scores["shape"] += shape
+        scores["both"] += color and shape
+    return {"n": len(generated)} | {key: value / max(1, len(generated)) for key, value in scores.items()}

@@ -152,7 +152,7 @@ class VisionFeatureCache:
         self._handles[shard] = None  # opened on first read
 
     @torch.inference_mode()
-    def encode(self, images: Iterable[Image.Image], batch_size: int = 32, total: int | None = None) -> int:
+    def encode(self, images: Iterable[Image.Image], batch_size: int = 32, total: int | None = None, progress: bool = True) -> int:
         """Encode and store every image not stored yet (duplicates once); returns how many were encoded.
 
         `images` is streamed: at most `batch_size` images and one shard of features are held in memory.
@@ -161,7 +161,7 @@ class VisionFeatureCache:
         tower_was_training = self.model.vision_tower.training
         self.model.vision_tower.eval()
         pending, features, hashes, count = [], [], [], 0
-        progress = tqdm(images, total=total, desc="encoding images (new ones only)", unit="image")
+        progress = tqdm(images, total=total, desc="encoding images (new ones only)", unit="image", disable=not progress)
 
         def run_batch():
             pixels = self.image_processor([image for _, image in pending], return_tensors="pt")["pixel_values"]

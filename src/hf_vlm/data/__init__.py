@@ -4,7 +4,8 @@ Stage 1 (alignment) trains on the caption shape (`CAPTION_FEATURES`: `id`, `imag
 stage 2 (instruction tuning) on the conversation shape (`CONVERSATION_FEATURES`: `id`, `images`,
 `messages` in TRL's format). `hf_vlm.data.schema` documents both. Sources:
 
-- easy-VQA (PyPI `easy-vqa`): `easy_vqa_conversations` (one question each), `easy_vqa_dialogues`
+- easy-VQA (PyPI `easy-vqa`): `easy_vqa_conversations` (one question each), `easy_vqa_balanced`
+  (yes/no answers not guessable from the wording), `easy_vqa_dialogues`
   (all questions about an image in one conversation), `easy_vqa_captions`
 - rendered scenes with true captions: `synthetic_captions`
 - Google's emoji images with their names (npm `emoji-datasource-google`, cached): `emoji_captions`
@@ -17,7 +18,7 @@ scripts pick sources by name through `hf_vlm.data.sources`; `CaptionCollator` an
 """
 
 from .collators import CaptionCollator, ConversationCollator, caption_to_conversation
-from .easy_vqa import easy_vqa_captions, easy_vqa_conversations, easy_vqa_dialogues
+from .easy_vqa import easy_vqa_balanced, easy_vqa_captions, easy_vqa_conversations, easy_vqa_dialogues
 from .emoji import emoji_captions
 from .images import load_image, to_rgb
 from .llava import load_conversations, load_llava_instruct, load_llava_pretrain
@@ -39,6 +40,7 @@ __all__ = [
     "EASY_VQA_FEATURES",
     "BadSampleError",
     "SkippedSamplesWarning",
+    "easy_vqa_balanced",
     "easy_vqa_captions",
     "easy_vqa_conversations",
     "easy_vqa_dialogues",

@@ -96,6 +96,40 @@ def easy_vqa_conversations(split: str = "train", limit: int | None = None) -> Da
     return Dataset.from_dict(rows, features=EASY_VQA_FEATURES)
 
 
+def question_template(text: str) -> str:
+    """A question's wording with its colour and shape words replaced: "is there a red shape?" -> "is there a C shape"."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return " ".join("C" if word in COLORS else "S" if word in SHAPES else word for word in words)
+
+
+def easy_vqa_balanced(split: str = "train", seed: int = 0) -> Dataset:
+    """easy-VQA conversations whose yes/no answers cannot be guessed from the wording.
+
+    In easy-VQA the wording of a yes/no question gives its answer away: "is there a C shape?" is "no" for 88% of
+    questions (one colour of 8 is present), "is there not a C shape?" "yes" for 87%, so a model that ignores the
+    image already gets ~80% of yes/no questions. Here each wording template (`question_template`) keeps all
+    questions of its rarer answer and as many, drawn with `seed`, of the other, as VQA v2 balanced its questions
+    with complementary images (https://arxiv.org/abs/1612.00837); colour and shape questions are all kept. Of
+    38,575 train questions about 20,000 remain, half of them yes/no, each answer equally likely per template.
+    Rows as `easy_vqa_conversations`, in a seeded order.
+    """
+    dataset = easy_vqa_conversations(split)
+    by_template: dict[tuple[str, str], list[int]] = {}
+    keep = []
+    for index, (answer, messages) in enumerate(zip(dataset["answer"], dataset["messages"])):
+        if answer in ("yes", "no"):
+            by_template.setdefault((question_template(messages[0]["content"][-1]["text"]), answer), []).append(index)
+        else:
+            keep.append(index)
+    rng = random.Random(seed)
+    for template in {template for template, _ in by_template}:
+        yes, no = by_template.get((template, "yes"), []), by_template.get((template, "no"), [])
+        size = min(len(yes), len(no))
+        keep += rng.sample(yes, size) + rng.sample(no, size)
+    rng.shuffle(keep)
+    return dataset.select(keep)
+
+
 def easy_vqa_dialogues(split: str = "train", seed: int = 0) -> Dataset:
     """easy-VQA as one multi-turn conversation per image: all of an image's questions, in a seeded order.
 

@@ -4,12 +4,12 @@ import os
 
 from datasets import Dataset, concatenate_datasets
 
-from .easy_vqa import easy_vqa_captions, easy_vqa_conversations, easy_vqa_dialogues
+from .easy_vqa import easy_vqa_balanced, easy_vqa_captions, easy_vqa_conversations, easy_vqa_dialogues
 from .llava import load_llava_instruct, load_llava_pretrain
 from .synthetic import synthetic_captions
 
 CAPTION_SOURCES = ("easy_vqa", "synthetic", "emoji")
-CONVERSATION_SOURCES = ("easy_vqa", "easy_vqa_dialogues")
+CONVERSATION_SOURCES = ("easy_vqa", "easy_vqa_balanced", "easy_vqa_dialogues")
 
 
 def caption_dataset(sources: str, split: str = "train", max_samples: int | None = None, seed: int = 0, image_folder: str | None = None) -> Dataset:
@@ -43,6 +43,8 @@ def conversation_dataset(source: str, split: str = "train", max_samples: int | N
     """
     if source == "easy_vqa":
         dataset = easy_vqa_conversations(split)
+    elif source == "easy_vqa_balanced":
+        dataset = easy_vqa_balanced(split, seed=seed)
     elif source == "easy_vqa_dialogues":
         dataset = easy_vqa_dialogues(split, seed=seed)
     elif os.path.isfile(source):
