@@ -485,3 +485,21 @@ def test_load_image_names_the_sample():
     assert load_image(Image.new("LA", (2, 2), (0, 255)), "ok").getpixel((0, 0)) == (0, 0, 0)
     with pytest.raises(BadSampleError, match="sample 'img-7': corrupt_image"):
         load_image(b"not an image", "img-7")
+
+
+def test_easy_vqa_balanced_hides_yes_no_answers_from_the_wording():
+    """easy_vqa_balanced: per wording template yes and no are equally many; every colour and shape question is kept."""
+    from hf_vlm.data import easy_vqa_balanced, easy_vqa_conversations
+    from hf_vlm.data.easy_vqa import question_template
+
+    balanced, full = easy_vqa_balanced("train"), easy_vqa_conversations("train")
+    counts = collections.Counter()
+    for answer, messages in zip(balanced["answer"], balanced["messages"]):
+        if answer in ("yes", "no"):
+            counts[question_template(messages[0]["content"][-1]["text"]), answer] += 1
+    templates = {template for template, _ in counts}
+    assert len(templates) == 16 and all(counts[t, "yes"] == counts[t, "no"] > 0 for t in templates)
+    open_types = ("color", "shape")
+    assert collections.Counter(t for t in balanced["question_type"] if t in open_types) == collections.Counter(t for t in full["question_type"] if t in open_types)
+    assert len(set(balanced["id"])) == len(balanced) and easy_vqa_balanced("train", seed=1)["id"] != balanced["id"]
+    assert question_template("Is there a red shape in the image?") == "is there a C shape in the image"

@@ -59,11 +59,12 @@ def stage1_folder(backbones, tmp_path_factory):
     return folder
 
 
-def run_stage2(folder, output_dir, use_lora=False, max_samples=16, **training):
+def run_stage2(folder, output_dir, use_lora=False, max_samples=16, curve_every=None, curve_questions=300, **training):
     settings = COMMON | dict(max_steps=3, learning_rate=1e-2, bf16=False, gradient_checkpointing=False) | training
     args = SFTConfig(output_dir=str(output_dir), **settings)
     tuning = stage2.TuningArguments(projector_learning_rate=1e-2, use_lora=use_lora, lora_r=4, lora_alpha=8)
-    return stage2.main(ModelArguments(model_name_or_path=str(folder)), stage2.DataArguments(max_samples=max_samples), tuning, args)
+    data = stage2.DataArguments(max_samples=max_samples, curve_every=curve_every, curve_questions=curve_questions)
+    return stage2.main(ModelArguments(model_name_or_path=str(folder)), data, tuning, args)
 
 
 def test_stage2_trains_projector_and_lm_not_vision(stage1_folder, tmp_path):
@@ -137,3 +138,32 @@ def test_every_recipe_parses_into_its_script_arguments(recipe):
     entries = yaml.safe_load(recipe.read_text()) | {"bf16": False}
     parsed = TrlParser(types).parse_dict(entries)
     assert parsed[-1].output_dir == entries["output_dir"]
+
+
+def test_vlm_sft_trainer_loss_and_metrics_equal_trls_fused_head(stage1_folder, tmp_path):
+    """Off Triton, VLMSFTTrainer's labelled-positions loss, entropy and token accuracy equal TRL's fused head's to 1e-5."""
+    from trl import SFTTrainer
+
+    trainer = run_stage2(stage1_folder, tmp_path / "metrics", max_steps=1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(5))
+        ours_metrics = {key: trainer._metrics["train"][key][-1] for key in ("entropy", "mean_token_accuracy")}
+        trls = SFTTrainer.compute_loss(trainer, model, dict(batch), num_items_in_batch=torch.tensor(5))
+        trls_metrics = {key: trainer._metrics["train"][key][-1] for key in ("entropy", "mean_token_accuracy")}
+    torch.testing.assert_close(ours, trls, atol=1e-5, rtol=0)
+    for key in ours_metrics:
+        assert abs(ours_metrics[key] - trls_metrics[key]) < 1e-5, key
+    assert any("mean_token_accuracy" in entry for entry in trainer.state.log_history)
+
+
+def test_stage2_learning_curve_records_points(stage1_folder, tmp_path):
+    """--curve_every evaluates with image and blind before, during and after training and writes curve.json/png."""
+    import json
+
+    run_stage2(stage1_folder, tmp_path / "curve", max_steps=4, curve_every=8, curve_questions=4)
+    points = json.loads((tmp_path / "curve" / "curve" / "curve.json").read_text())
+    assert [point["samples"] for point in points] == [0, 8, 16]
+    assert set(points[0]["metrics"]) >= {"overall", "yes/no"} and "blind_accuracy" in points[-1]["metrics"]["overall"]
+    assert (tmp_path / "curve" / "curve" / "curve.png").stat().st_size > 0
