@@ -20,7 +20,7 @@ def test_quick_demo_from_an_empty_cache_leaves_a_loadable_model_and_reports(tmp_
     """--quick runs end to end from an empty cache; the model folder loads and answers as the trained model did."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from hf_vlm.evaluation import generate_answers
+    from hf_vlm.evaluation import easy_vqa_test_questions, generate_answers
 
     env = os.environ | {"HF_VLM_CACHE": str(tmp_path / "cache")}
     output = tmp_path / "demo"
@@ -35,7 +35,8 @@ def test_quick_demo_from_an_empty_cache_leaves_a_loadable_model_and_reports(tmp_
     for report in ("results.json", "results.md", "accuracy.png", "samples.png"):
         assert (output / "eval" / report).stat().st_size > 0
     summary = json.loads((output / "demo.json").read_text())
-    assert set(summary["timings_s"]) == {"parts", "stage 1", "stage 2", "evaluation", "answers and model folder"}
+    assert set(summary["timings_s"]) == {"parts", "stage 1", "stage 1 check", "stage 2", "evaluation", "answers and model folder"}
+    assert summary["stage1_caption_accuracy"]["n"] == 16
     assert summary["metrics"]["overall"]["n"] == 32
 
     folder = output / "model"
@@ -43,8 +44,5 @@ def test_quick_demo_from_an_empty_cache_leaves_a_loadable_model_and_reports(tmp_
     assert card.data.pipeline_tag == "image-text-to-text" and card.data.eval_results
     model = AutoModelForImageTextToText.from_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import run_eval
-
-    questions = run_eval.load_questions(6, seed=1)  # the questions the demo answered before saving
+    questions = easy_vqa_test_questions(6, seed=1)  # the questions the demo answered before saving
     assert generate_answers(model, processor, questions) == [row["prediction"] for row in summary["answers"]]

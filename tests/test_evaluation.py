@@ -128,3 +128,29 @@ def test_run_eval_reports_match_their_saved_predictions(built, tmp_path):
             scores = vqa.compute(predictions=[sample[predicted] for sample in group], references=references)
             expected[key] = scores["vqa_accuracy"]
         assert results["metrics"][name] == expected, name
+
+
+def test_answers_from_the_feature_cache_equal_answers_from_pixels(built, rows, tmp_path):
+    """generate_answers with a feature cache encodes each image once and answers as from pixels."""
+    from hf_vlm.feature_cache import VisionFeatureCache
+
+    model, processor = built
+    cache = VisionFeatureCache(model, processor, tmp_path)
+    from_pixels = generate_answers(model, processor, rows, batch_size=2, max_new_tokens=4)
+    assert generate_answers(model, processor, rows, batch_size=2, max_new_tokens=4, feature_cache=cache) == from_pixels
+    assert cache.num_encoded == len(set(rows["images"][i][0].tobytes() for i in range(len(rows))))
+    generate_answers(model, processor, rows, batch_size=2, max_new_tokens=4, feature_cache=cache)
+    assert cache.num_encoded == len(cache)  # the second pass encoded nothing
+
+
+def test_caption_accuracy_counts_colour_and_shape_words(built, monkeypatch):
+    """easy_vqa_caption_accuracy scores a caption right when it names the true colour (shape) and no other."""
+    from hf_vlm import evaluation
+    from hf_vlm.data import easy_vqa_captions
+
+    captions = easy_vqa_captions("test").select(range(3))
+    truths = captions["caption"]
+    monkeypatch.setattr(evaluation, "generate_answers", lambda *args, **kwargs: [truths[0], "a blue red thing", "nothing"])
+    scores = evaluation.easy_vqa_caption_accuracy(*built, captions)
+    # Only the first names its image's colour and shape; two colours, or none, is wrong.
+    assert scores == {"n": 3, "color": pytest.approx(1 / 3), "shape": pytest.approx(1 / 3), "both": pytest.approx(1 / 3)}

@@ -77,8 +77,10 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(backbones, tmp_path):
 
 
 def test_two_process_torchrun_stage1_ends_with_identical_weights(backbones, tmp_path):
-    """torchrun --nproc_per_node 2 runs stage 1 (gloo on CPU); both ranks end with the same trained weights."""
-    recipe = tiny_stage1_recipe(backbones, tmp_path / "ddp.yaml", output_dir=str(tmp_path / "ddp"))
+    """torchrun --nproc_per_node 2 runs stage 1 (gloo on CPU); both ranks end with the same trained weights, and
+    only one process wrote the feature cache (the other found every image stored)."""
+    features = tmp_path / "features"
+    recipe = tiny_stage1_recipe(backbones, tmp_path / "ddp.yaml", output_dir=str(tmp_path / "ddp"), feature_cache_dir=str(features))
     torchrun = Path(sys.executable).parent / "torchrun"
     run([str(torchrun), "--nproc_per_node", "2", "tests/launch/stage1_per_rank.py", "--config", str(recipe)])
     ranks = [torch.load(tmp_path / "ddp" / f"rank{i}.pt") for i in range(2)]
@@ -88,3 +90,5 @@ def test_two_process_torchrun_stage1_ends_with_identical_weights(backbones, tmp_
     assert all(torch.equal(first[k], second[k]) for k in first)
     saved = load_file(tmp_path / "ddp" / "model.safetensors")
     assert all(torch.equal(saved[k], first[k]) for k in first)
+    shards = list(features.glob("*/*.safetensors"))
+    assert len(shards) == 1 and not list(features.glob("*/.*.tmp")), shards

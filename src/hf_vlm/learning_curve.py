@@ -3,6 +3,8 @@
     curve = LearningCurveCallback(processor, questions, every_samples=400, output_dir="runs/stage2/curve")
     trainer = SFTTrainer(..., callbacks=[curve])
 
+    python -m hf_vlm.learning_curve recipe=runs/a/curve/curve.json other=runs/b/curve/curve.json --output curves.png
+
 Every `every_samples` training samples (and before the first step, and after the last) the callback answers
 a fixed set of questions with and without the image (`evaluate_vqa`) and records accuracy overall and per
 question type with the blind baseline. `curve.json` and `curve.png` are written after each point, so a run
@@ -88,3 +90,15 @@ def plot_curves(curves: dict[str, list[dict]], path, title: str = "Accuracy agai
     panels[-1].legend(fontsize=7, loc="lower right")
     figure.suptitle(title)
     figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Draw several curve.json files into one figure: name=path ...")
+    parser.add_argument("curves", nargs="+", help="name=path/to/curve.json")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--title", default="Accuracy against training samples")
+    args = parser.parse_args()
+    named = dict(item.split("=", 1) for item in args.curves)
+    plot_curves({name: json.loads(Path(path).read_text()) for name, path in named.items()}, args.output, args.title)

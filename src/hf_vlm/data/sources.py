@@ -39,7 +39,10 @@ def conversation_dataset(source: str, split: str = "train", max_samples: int | N
     """Conversation-shape data for stage 2: a name in `CONVERSATION_SOURCES` or a LLaVA-Instruct JSON/JSONL file.
 
     Adds a `length` column (characters of message text), which `train_sampling_strategy: group_by_length`
-    uses to batch conversations of similar length and so pad less.
+    uses to batch conversations of similar length and so pad less. Do not use it on short-answer data such as
+    easy-VQA: the length then sorts by the answer ("no" < "yes" < "red" < "yellow"), every batch holds one
+    answer, and the model learns to repeat the last batch's answer instead of looking at the image
+    (measured: yes/no at or below the blind baseline; `docs/recipe.md`).
     """
     if source == "easy_vqa":
         dataset = easy_vqa_conversations(split)
