@@ -179,9 +179,10 @@ class VLMModel(VLMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         image_outputs = (mm_encoder_outputs or {}).get("image")
-        given = [name for name, value in [("pixel_values", pixel_values), ("vision_features", vision_features), ("mm_encoder_outputs", image_outputs)] if value is not None]
+        inputs = {"pixel_values": pixel_values, "vision_features": vision_features, "mm_encoder_outputs": image_outputs}
+        given = [name for name, value in inputs.items() if value is not None]
         if len(given) > 1:
-            raise ValueError(f"Images came twice, as {' and '.join(given)}: pass one of pixel_values, vision_features or mm_encoder_outputs.")
+            raise ValueError(f"Images came twice, as {' and '.join(given)}: pass one of {', '.join(inputs)}.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
 
