@@ -52,6 +52,7 @@ class DemoArguments:
     stage1_samples: int | None = field(default=None, metadata={"help": "Override the recipe's number of captions."})
     stage2_samples: int | None = field(default=None, metadata={"help": "Override the recipe's number of conversations."})
     eval_questions: int = field(default=500, metadata={"help": "Size of the fixed held-out test subset."})
+    seed: int | None = field(default=None, metadata={"help": "Override both recipes' training seed (the test subset stays fixed)."})
     bf16: bool = field(default=False, metadata={"help": "Train in bf16 (GPUs; these CPUs have no fast bf16)."})
     threads: int | None = field(default=None, metadata={"help": "torch threads; default: all cores."})
 
@@ -87,6 +88,7 @@ def main(args: DemoArguments) -> dict:
     torch.set_num_threads(args.threads or os.cpu_count())
     out, clock = Path(args.output_dir), Stopwatch()
     quick = dict(max_steps=2, logging_steps=1) if args.quick else {}
+    seed = {} if args.seed is None else {"seed": args.seed}
 
     with clock("parts"):
         vision = args.vision or str(efficientnet_lite0(image_size=128))
@@ -98,7 +100,7 @@ def main(args: DemoArguments) -> dict:
         model_fields = dict(vision_model=vision, text_model=text) | ({"image_size": None} if args.vision else {})
         stage1 = stage_arguments(
             args.stage1_recipe, (ModelArguments, train_stage1.DataArguments, TrainingArguments), out / "stage1",
-            bf16=args.bf16, **model_fields, **({"max_samples": samples} if samples else {}), **quick,
+            bf16=args.bf16, **model_fields, **({"max_samples": samples} if samples else {}), **quick, **seed,
         )
         aligned = train_stage1.main(*stage1)
 
@@ -114,7 +116,7 @@ def main(args: DemoArguments) -> dict:
         samples = args.stage2_samples or (16 if args.quick else None)
         stage2 = stage_arguments(
             args.stage2_recipe, (ModelArguments, train_stage2.DataArguments, train_stage2.TuningArguments, SFTConfig), out / "stage2",
-            model_name_or_path=str(out / "stage1"), bf16=args.bf16, **({"max_samples": samples} if samples else {}), **quick,
+            model_name_or_path=str(out / "stage1"), bf16=args.bf16, **({"max_samples": samples} if samples else {}), **quick, **seed,
         )
         trained = train_stage2.main(*stage2).model
 

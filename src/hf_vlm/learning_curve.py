@@ -76,7 +76,7 @@ def plot_curves(curves: dict[str, list[dict]], path, title: str = "Accuracy agai
     from matplotlib.figure import Figure  # the `eval` extra; a bare Figure renders with Agg, no pyplot state
 
     groups = list(next(iter(curves.values()))[0]["metrics"])
-    figure = Figure(figsize=(3.2 * len(groups), 3.4), layout="constrained")
+    figure = Figure(figsize=(3.2 * len(groups) + 2.5, 3.6), layout="constrained")
     panels = figure.subplots(1, len(groups), sharey=True, squeeze=False)[0]
     for axes, group in zip(panels, groups):
         for index, (name, points) in enumerate(curves.items()):
@@ -87,7 +87,7 @@ def plot_curves(curves: dict[str, list[dict]], path, title: str = "Accuracy agai
         axes.set(title=group, xlabel="training samples", ylim=(0, 102))
         axes.grid(alpha=0.3)
     panels[0].set_ylabel("VQA accuracy (%)")
-    panels[-1].legend(fontsize=7, loc="lower right")
+    figure.legend(*panels[0].get_legend_handles_labels(), fontsize=7, loc="outside right upper")
     figure.suptitle(title)
     figure.savefig(path, dpi=110)
 
