@@ -135,7 +135,7 @@ def recipe_tables(vision: str, text: str, rounds: int, stage1_batch: int, stage2
     return results
 
 
-def llava_tables(text_config: LlamaConfig, rounds: int, batch_size: int, cache_dir: str) -> list:
+def llava_tables(text_config: LlamaConfig, rounds: int, batch_size: int) -> list:
     """hf_vlm against Llava from the same sub-configs, the same projector and the same batch."""
     vision_config = SiglipVisionConfig(image_size=128, patch_size=32, hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6)
     image_token_id = text_config.vocab_size - 1
@@ -183,7 +183,7 @@ def main():
     text_config = transformers.AutoConfig.from_pretrained(text)
 
     with tempfile.TemporaryDirectory() as cache_dir:
-        tables = recipe_tables(vision, text, args.rounds, 32, 16, cache_dir) + llava_tables(text_config, args.rounds, 16, cache_dir)
+        tables = recipe_tables(vision, text, args.rounds, 32, 16, cache_dir) + llava_tables(text_config, args.rounds, 16)
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
     report = f"# Training throughput\n\n`python benchmarks/throughput.py --rounds {args.rounds}` on {machine}; fp32; medians of {args.rounds} interleaved rounds.\n\n"

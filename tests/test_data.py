@@ -503,3 +503,16 @@ def test_easy_vqa_balanced_hides_yes_no_answers_from_the_wording():
     assert collections.Counter(t for t in balanced["question_type"] if t in open_types) == collections.Counter(t for t in full["question_type"] if t in open_types)
     assert len(set(balanced["id"])) == len(balanced) and easy_vqa_balanced("train", seed=1)["id"] != balanced["id"]
     assert question_template("Is there a red shape in the image?") == "is there a C shape in the image"
+
+
+def test_easy_vqa_balanced_is_the_same_in_every_process():
+    """easy_vqa_balanced depends on its seed only, not on the process's string-hash seed (torchrun ranks agree)."""
+    import subprocess
+    import sys
+
+    script = "from hf_vlm.data import easy_vqa_balanced; print(easy_vqa_balanced('train', seed=0)['id'][:50])"
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], env={**__import__("os").environ, "PYTHONHASHSEED": hash_seed}, capture_output=True, text=True, check=True).stdout
+        for hash_seed in ("1", "2")
+    }
+    assert len(outputs) == 1

@@ -69,12 +69,13 @@ def test_each_part_of_the_key_changed_encodes_afresh(backbones, siglip, tmp_path
     def fresh(model, processor, images=images) -> bool:
         return VisionFeatureCache(model, processor, tmp_path).encode(images) == len(images)
 
+    weight = next(model.model.vision_tower.parameters())
+    original = weight.detach().clone()
     with torch.no_grad():
-        weight = next(model.model.vision_tower.parameters())
         weight.view(-1)[0] += 1e-3
     assert fresh(model, processor)
     with torch.no_grad():
-        weight.view(-1)[0] -= 1e-3
+        weight.copy_(original)
     assert key_of(model, processor, tmp_path) == base  # the same weights again: the same folder
 
     assert fresh(*build_vlm(backbones["siglip"], backbones["llama"], "mlp", vision_feature_layer=-2))
@@ -90,11 +91,12 @@ def test_each_part_of_the_key_changed_encodes_afresh(backbones, siglip, tmp_path
     running_mean += 1e-3  # BatchNorm statistics: a buffer, not a weight
     assert key_of(*timm_16, tmp_path) != timm_key
 
+    mean = processor.image_processor.image_mean
     processor.image_processor.image_mean = [0.4, 0.5, 0.5]
     try:
         assert fresh(model, processor)
     finally:
-        processor.image_processor.image_mean = [0.5, 0.5, 0.5]
+        processor.image_processor.image_mean = mean
     assert key_of(model, processor, tmp_path) == base
 
     changed = [image.copy() for image in images]
@@ -147,3 +149,16 @@ def test_prepare_feature_cache_encodes_every_dataset_image_once(siglip, tmp_path
     cache = prepare_feature_cache(model, processor, captions, args, tmp_path)
     assert cache.num_encoded == 3
     assert prepare_feature_cache(model, processor, conversations, args, tmp_path).num_encoded == 0
+
+
+def test_a_saved_and_reloaded_model_finds_the_same_cache(siglip, tmp_path):
+    """Stage 2 loads stage 1's folder: the reloaded model and processor have the built ones' cache key."""
+    from transformers import AutoProcessor
+
+    from hf_vlm import VLMForConditionalGeneration
+
+    model, processor = siglip
+    model.save_pretrained(tmp_path / "folder")
+    processor.save_pretrained(tmp_path / "folder")
+    reloaded = VLMForConditionalGeneration.from_pretrained(tmp_path / "folder"), AutoProcessor.from_pretrained(tmp_path / "folder")
+    assert key_of(*reloaded, tmp_path) == key_of(model, processor, tmp_path)

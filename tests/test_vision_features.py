@@ -46,6 +46,8 @@ def test_two_image_inputs_at_once_raise(model):
         model(input_ids=ids, vision_features=features, mm_encoder_outputs=encoded)
     with pytest.raises(ValueError, match="pixel_values and vision_features"):
         model.generate(input_ids=ids, pixel_values=images, vision_features=features, max_new_tokens=2)
+    with pytest.raises(ValueError, match="mm_encoder_outputs and vision_features"):
+        model.generate(input_ids=ids, mm_encoder_outputs=encoded, vision_features=features, max_new_tokens=2)
     with pytest.raises(ValueError, match="exactly one"):
         model.get_image_features(pixel_values=images, vision_features=features)
 
@@ -81,9 +83,10 @@ def test_labelled_positions_loss_has_the_full_gradient(model):
     ids, images, labels = batch(model)
     model.train()
     compact = model(input_ids=ids, pixel_values=images, labels=labels).loss
-    compact_grads = torch.autograd.grad(compact, list(model.model.multi_modal_projector.parameters()) + [model.lm_head.weight])
+    parameters = [p for name, p in model.named_parameters() if "vision_tower" not in name]  # projector, LM, head
+    compact_grads = torch.autograd.grad(compact, parameters)
     logits = model(input_ids=ids, pixel_values=images).logits
     full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-    full_grads = torch.autograd.grad(full, list(model.model.multi_modal_projector.parameters()) + [model.lm_head.weight])
+    full_grads = torch.autograd.grad(full, parameters)
     for a, b in zip(compact_grads, full_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

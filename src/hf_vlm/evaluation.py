@@ -93,7 +93,7 @@ def generate_answers(
             images = [image for row in batch["images"] for image in row]
             feature_cache.encode(images, progress=False)
             inputs["vision_features"] = feature_cache.lookup(images).to(model.device)
-            del inputs["pixel_values"]
+            inputs.pop("pixel_values", None)
         with torch.inference_mode():
             output = model.generate(
                 **inputs,

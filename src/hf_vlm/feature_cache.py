@@ -15,8 +15,8 @@ processor's settings. Inside it, an image is found by a hash of its pixels. Any 
 a miss, so a stale feature is never used. Features are stored in the tower's dtype, N x C of them per image
 (16 x 1280 floats, 82 kB, for the demo's CNN at 128 px; 196 x 768 for a ViT-B/16 at 224 px).
 
-Shards are written under a temporary name and renamed when complete, so a killed run leaves nothing half
-written, and each writer picks a fresh name, so no two ranks write the same file. Under `torchrun`, encode
+Shards are written under a temporary name and renamed when complete, so a killed run leaves at most a
+`.shard-*.tmp` file that is never read, and each writer picks a fresh name, so no two ranks write the same file. Under `torchrun`, encode
 inside `training_args.main_process_first()`: the main process encodes, the others then find it all stored.
 """
 
@@ -34,6 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+# Part of every key: raise it when what `get_vision_features` computes changes, so old caches are not read.
+CACHE_FORMAT = 1
 SHARD_BYTES = 256 * 2**20  # features held in memory before a shard is written
 # Config entries that name or describe a checkpoint without changing what the tower computes.
 _NOT_IN_KEY = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "id2label", "label2id")
@@ -65,6 +67,7 @@ def cache_key(model, image_processor) -> str:
     """The name of the cache folder for this tower and image processor (see the module docstring)."""
     config = model.config
     settings = {
+        "format": CACHE_FORMAT,
         "tower": tower_fingerprint(_vlm_model(model).vision_tower),
         "vision_config": {k: v for k, v in config.vision_config.to_dict().items() if k not in _NOT_IN_KEY},
         "image_size": config.image_size,
@@ -100,6 +103,7 @@ def prepare_feature_cache(model, processor, dataset, training_args, cache_dir=No
     """
     cache = VisionFeatureCache(model, processor, cache_dir)
     images, count = dataset_images(dataset)
+    cache.model.vision_tower.to(training_args.device)  # encode where training runs; the trainer moves the rest
     with training_args.main_process_first(desc="encoding images for the feature cache"):
         cache.encode(images, total=count)
     return cache
@@ -132,9 +136,6 @@ class VisionFeatureCache:
 
     def __len__(self) -> int:
         return len(self._index)
-
-    def __contains__(self, image: Image.Image) -> bool:
-        return image_hash(image) in self._index
 
     def _read_index(self) -> None:
         """Index every complete shard in the folder (only their headers are read)."""

@@ -9,7 +9,8 @@ Every `every_samples` training samples (and before the first step, and after the
 a fixed set of questions with and without the image (`evaluate_vqa`) and records accuracy overall and per
 question type with the blind baseline. `curve.json` and `curve.png` are written after each point, so a run
 that stops early still leaves its curve. Only the main process evaluates; the others wait for it at the next
-step's gradient synchronisation.
+step's gradient synchronisation under DDP; with FSDP or ZeRO-3, whose forward needs every rank, the
+main process alone cannot generate (untested here; do not use the callback there).
 """
 
 import json
@@ -25,7 +26,7 @@ class LearningCurveCallback(TrainerCallback):
 
     Args:
         processor: the model's processor.
-        questions: conversation rows with `answer` and `question_type` (e.g. `run_eval.load_questions(300)`).
+        questions: conversation rows with `answer` and `question_type` (e.g. `easy_vqa_test_questions(300)`).
         every_samples: training samples (all processes, accumulation included) between two points.
         output_dir: where `curve.json` and `curve.png` go; None keeps the points in `self.points` only.
         feature_cache: a `VisionFeatureCache` for the questions' images, or None.

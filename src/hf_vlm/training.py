@@ -11,7 +11,13 @@ import torch
 from torch import nn
 from transformers import Trainer
 from trl import SFTTrainer
-from trl.kernels.chunked_logprob import _use_triton
+
+try:  # TRL's own test for devices where its fused LM head keeps only the labelled positions
+    from trl.kernels.chunked_logprob import _use_triton
+except ImportError:  # a private helper: if TRL moves it, assume what TRL 1.16 does
+
+    def _use_triton(device: torch.device) -> bool:
+        return device.type in ("cuda", "xpu")
 
 # Part name -> attribute of `VLMModel`; `lm_head` belongs to the language part.
 PARTS = {"vision": "vision_tower", "projector": "multi_modal_projector", "language": "language_model"}
@@ -157,7 +163,7 @@ class VLMSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plain_nll = self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
-        if _use_triton(self.accelerator.device) or not plain_nll or self.aux_loss_enabled:
+        if _use_triton(self.accelerator.device) or not plain_nll or self.aux_loss_enabled or "attention_mask" not in inputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
@@ -176,6 +182,9 @@ class VLMSFTTrainer(SFTTrainer):
         self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
         if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if return_outputs:  # as TRL: whoever asks for outputs gets (batch, seq_len, vocab) logits
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         return (loss, outputs) if return_outputs else loss

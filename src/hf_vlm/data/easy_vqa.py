@@ -122,7 +122,7 @@ def easy_vqa_balanced(split: str = "train", seed: int = 0) -> Dataset:
         else:
             keep.append(index)
     rng = random.Random(seed)
-    for template in {template for template, _ in by_template}:
+    for template in sorted({template for template, _ in by_template}):  # a set's order changes per process
         yes, no = by_template.get((template, "yes"), []), by_template.get((template, "no"), [])
         size = min(len(yes), len(no))
         keep += rng.sample(yes, size) + rng.sample(no, size)

@@ -128,8 +128,8 @@ class VLMModel(VLMPreTrainedModel):
             vision_features = self.get_vision_features(pixel_values)
         else:
             self._check_vision_features(vision_features)
-        projector_dtype = next(self.multi_modal_projector.parameters()).dtype
-        image_tokens = self.multi_modal_projector(vision_features.to(projector_dtype))  # (num_images, image_seq_length, text hidden)
+        weight = next(self.multi_modal_projector.parameters())
+        image_tokens = self.multi_modal_projector(vision_features.to(weight.device, weight.dtype))  # (num_images, image_seq_length, text hidden)
         return BaseModelOutputWithPooling(last_hidden_state=vision_features, pooler_output=list(image_tokens))
 
     def _check_vision_features(self, vision_features: torch.Tensor):
@@ -230,8 +230,10 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         # `vision_features` unused; route them the same way, so the projector runs once and beams expand them alike.
         vision_features = model_kwargs.pop("vision_features", None)
         if vision_features is not None:
-            if model_kwargs.get("pixel_values") is not None:
-                raise ValueError("Images came twice, as pixel_values and vision_features: pass one of them.")
+            others = {"pixel_values": model_kwargs.get("pixel_values"), "mm_encoder_outputs": (model_kwargs.get("mm_encoder_outputs") or {}).get("image")}
+            for other, value in others.items():
+                if value is not None:
+                    raise ValueError(f"Images came twice, as {other} and vision_features: pass one of them.")
             model_kwargs.setdefault("mm_encoder_outputs", {})["image"] = self.get_image_features(vision_features=vision_features)
         return super()._prepare_multimodal_encoder_kwargs_for_generation(model_kwargs)
 
@@ -257,6 +259,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         LM's arithmetic for a 49k vocabulary) and an answer is a few of a sample's tokens. Call without `labels`
         (or with a non-zero `logits_to_keep`) for (batch, seq_len', vocab) logits.
         """
+        shift_labels = kwargs.pop("shift_labels", None)  # pre-shifted labels (sequence parallelism) are the head's
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -272,13 +275,13 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         vocab_size = self.config.text_config.vocab_size
         loss = None
         if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
-            # Position t predicts token t+1; `shift_labels` may come pre-shifted (sequence parallelism).
-            shift_labels = kwargs.pop("shift_labels", None)
+            # Position t predicts token t+1.
             if shift_labels is None:
                 shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
-            labelled = shift_labels != -100
+            labelled = (shift_labels != -100).to(hidden_states.device)
             logits = self.lm_head(slice_logits_to_keep(hidden_states, labelled))  # (num_labelled, vocab)
-            loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels[labelled], vocab_size=vocab_size, **kwargs)
+            targets = shift_labels.to(hidden_states.device)[labelled]
+            loss = self.loss_function(logits=logits, labels=None, shift_labels=targets, vocab_size=vocab_size, **kwargs)
         else:
             # Generation asks for the last position's logits only (logits_to_keep=1).
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))  # (B, T', vocab)
