@@ -257,9 +257,11 @@ def easy_vqa_caption_accuracy(model, processor, captions, batch_size: int = 16, 
 
     conversations = captions.map(caption_to_conversation, remove_columns=captions.column_names)
     generated = generate_answers(model, processor, conversations, batch_size, max_new_tokens=16, feature_cache=feature_cache)
+    def words(text: str, vocabulary) -> set[str]:
+        return {word for word in re.findall(r"[a-z]+", text.lower()) if word in vocabulary}
+
     scores = {"color": 0, "shape": 0, "both": 0}
     for truth, caption in zip(captions["caption"], generated):
-        words = lambda text, vocabulary: {w for w in re.findall(r"[a-z]+", text.lower()) if w in vocabulary}  # noqa: E731
         color, shape = words(caption, COLORS) == words(truth, COLORS), words(caption, SHAPES) == words(truth, SHAPES)
         scores["color"] += color
         scores["shape"] += shape

@@ -48,7 +48,8 @@ def default_cache_dir() -> Path:
 
 def image_hash(image: Image.Image) -> str:
     """A hash of an image's content as the processor sees it (RGB pixels and size; not its file or format)."""
-    image = image.convert("RGB")
+    if image.mode != "RGB":  # convert() copies even when the mode is already RGB
+        image = image.convert("RGB")
     digest = hashlib.blake2b(f"{image.size}".encode(), digest_size=16)
     digest.update(image.tobytes())
     return digest.hexdigest()
@@ -161,8 +162,8 @@ class VisionFeatureCache:
         self._read_index()  # another process may have written shards since
         tower_was_training = self.model.vision_tower.training
         self.model.vision_tower.eval()
-        pending, features, hashes, count = [], [], [], 0
-        progress = tqdm(images, total=total, desc="encoding images (new ones only)", unit="image", disable=not progress)
+        pending, features, hashes, fresh = [], [], [], set()  # fresh: hashes encoded by this call
+        bar = tqdm(images, total=total, desc="encoding images (new ones only)", unit="image", disable=not progress)
 
         def run_batch():
             pixels = self.image_processor([image for _, image in pending], return_tensors="pt")["pixel_values"]
@@ -172,15 +173,13 @@ class VisionFeatureCache:
             pending.clear()
 
         try:
-            seen = set(self._index)
-            for image in progress:
+            for image in bar:
                 image = image.convert("RGB")
                 key = image_hash(image)
-                if key in seen:
+                if key in self._index or key in fresh:
                     continue
-                seen.add(key)
+                fresh.add(key)
                 pending.append((key, image))
-                count += 1
                 if len(pending) == batch_size:
                     run_batch()
                     if sum(f.numel() * f.element_size() for f in features) >= SHARD_BYTES:
@@ -191,10 +190,10 @@ class VisionFeatureCache:
             if hashes:
                 self._write_shard(features, hashes)
         finally:
-            progress.close()
+            bar.close()
             self.model.vision_tower.train(tower_was_training)
-        self.num_encoded += count
-        return count
+        self.num_encoded += len(fresh)
+        return len(fresh)
 
     def _write_shard(self, features: list[torch.Tensor], hashes: list[str]) -> None:
         """Write one shard under a temporary name, then rename it: readers never see a partial file."""
