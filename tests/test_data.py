@@ -470,7 +470,7 @@ def test_skip_drops_bad_samples_with_one_counting_warning(tmp_path):
     skip_warnings = [w for w in caught if issubclass(w.category, SkippedSamplesWarning)]
     assert len(skip_warnings) == 1
     message = str(skip_warnings[0].message)
-    assert message.startswith("skipped 4 of 6 samples: 2 missing_image (first: 'missing-1')")
+    assert message.startswith("skipped 4 of 6 samples, kept 2: 2 missing_image (first: 'missing-1')")
     assert "1 corrupt_image (first: 'junk')" in message and "1 empty_text (first: 'empty')" in message
 
 

@@ -10,18 +10,20 @@ stage 2 (instruction tuning) on the conversation shape (`CONVERSATION_FEATURES`:
 - rendered scenes with true captions: `synthetic_captions`
 - Google's emoji images with their names (npm `emoji-datasource-google`, cached): `emoji_captions`
 - LLaVA JSON / JSONL with an image folder: `load_llava_pretrain`, `load_llava_instruct`
-- rows already in TRL's (or the_cauldron's) shape: `load_conversations`
+- rows already in TRL's (or the_cauldron's) shape: `load_conversations`; in the caption shape: `load_captions`
 
-Loaders validate every sample while building; see `BadSampleError` and `on_error`. The training
-scripts pick sources by name through `hf_vlm.data.sources`; `CaptionCollator` and
-`ConversationCollator` turn rows into batches whose loss covers only the answers.
+Loaders validate every sample while building, once (the result is cached, `hf_vlm.data.cache`); see
+`BadSampleError` and `on_error`. `check_token_lengths` then finds, before step 1, every sample that
+`max_length` would cut or that has no labelled token. The training scripts pick sources by name or
+location through `hf_vlm.data.sources`; `CaptionCollator` and `ConversationCollator` turn rows into
+batches whose loss covers only the answers.
 """
 
 from .collators import CaptionCollator, ConversationCollator, caption_to_conversation
 from .easy_vqa import easy_vqa_balanced, easy_vqa_captions, easy_vqa_conversations, easy_vqa_dialogues
 from .emoji import emoji_captions
 from .images import load_image, to_rgb
-from .llava import load_conversations, load_llava_instruct, load_llava_pretrain
+from .llava import load_captions, load_conversations, load_llava_instruct, load_llava_pretrain
 from .schema import (
     CAPTION_FEATURES,
     CONVERSATION_FEATURES,
@@ -30,11 +32,13 @@ from .schema import (
     SkippedSamplesWarning,
 )
 from .synthetic import synthetic_captions
+from .token_checks import check_token_lengths
 
 __all__ = [
     "CaptionCollator",
     "ConversationCollator",
     "caption_to_conversation",
+    "check_token_lengths",
     "CAPTION_FEATURES",
     "CONVERSATION_FEATURES",
     "EASY_VQA_FEATURES",
@@ -45,6 +49,7 @@ __all__ = [
     "easy_vqa_conversations",
     "easy_vqa_dialogues",
     "emoji_captions",
+    "load_captions",
     "load_conversations",
     "load_image",
     "load_llava_instruct",

@@ -1,12 +1,16 @@
 """Collators: dataset rows -> model inputs whose labels cover only what the model should say.
 
 TRL's `DataCollatorForVisionLanguageModeling` masks padding only, so image tokens and the user's
-prompt stay in its loss. These collators render rows with the processor's chat template, take the
-assistant mask from its `{% generation %}` markers, and build labels with `make_labels`: padding,
-image tokens and everything outside the assistant's answers are -100.
+prompt stay in its loss. These collators encode rows with the processor's chat template as inference
+does (special tokens typed in message text are plain text), take the assistant mask from its
+`{% generation %}` markers (`hf_vlm.processing.encode_conversation`), and build labels with
+`make_labels`: padding, image tokens and everything outside the assistant's answers are -100.
 """
 
-from ..processing import make_labels
+import torch
+
+from ..processing import encode_conversation, make_labels, token_problem
+from .schema import BadSampleError
 
 DEFAULT_CAPTION_PROMPT = "Describe the image briefly."
 
@@ -16,8 +20,9 @@ class ConversationCollator:
 
     Args:
         processor: a `VLMProcessor` whose chat template marks assistant turns.
-        max_length: truncate longer samples; truncation that would cut image tokens raises and says which
-            `max_length` is needed.
+        max_length: truncate longer samples. A sample that this would cut (image tokens, or any answer token), or
+            one without a labelled token, raises a `BadSampleError` naming its `id`; `check_token_lengths` finds
+            them all before training, where they can also be skipped.
         assistant_only_loss: if False, the loss also covers the prompt text (never padding or image tokens).
         feature_cache: a `hf_vlm.feature_cache.VisionFeatureCache` holding every image of the data; batches then
             carry `vision_features` from it instead of `pixel_values`, and the frozen tower does not run.
@@ -30,6 +35,13 @@ class ConversationCollator:
         self.feature_cache = feature_cache
 
     def __call__(self, rows: list[dict]) -> dict:
+        encoded = [encode_conversation(self.processor, row["messages"]) for row in rows]
+        for index, (row, (ids, mask)) in enumerate(zip(rows, encoded)):
+            problem = token_problem(ids, mask, self.processor.image_token_id, self.max_length, self.assistant_only_loss)
+            if problem:
+                sample_id = row.get("id")
+                raise BadSampleError(f"batch row {index}" if sample_id is None else sample_id, *problem)
+
         images = [[image.convert("RGB") for image in row.get("images") or []] for row in rows]  # per conversation
         processor_kwargs = {"padding": True, "padding_side": "right"}
         if any(images):
@@ -41,11 +53,21 @@ class ConversationCollator:
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-            return_assistant_tokens_mask=self.assistant_only_loss,
+            sanitize_control_tokens=True,
             processor_kwargs=processor_kwargs,
         )
-        assistant_masks = batch.pop("assistant_masks", None)
-        batch["labels"] = make_labels(batch["input_ids"], batch["attention_mask"], self.processor.image_token_id, assistant_masks)
+        masks = torch.zeros_like(batch["input_ids"])
+        for index, (ids, mask) in enumerate(encoded):
+            kept = batch["input_ids"][index][batch["attention_mask"][index].bool()].tolist()
+            if kept != ids[: len(kept)]:
+                raise RuntimeError(
+                    "encode_conversation disagrees with the processor's encoding; the chat template or tokenizer merges "
+                    "tokens across the {% generation %} boundaries, which the assistant mask cannot follow."
+                )
+            masks[index, : len(kept)] = torch.tensor(mask[: len(kept)])
+        batch["labels"] = make_labels(
+            batch["input_ids"], batch["attention_mask"], self.processor.image_token_id, masks if self.assistant_only_loss else None
+        )
         if self.feature_cache is not None and "pixel_values" in batch:
             # The processor still expands placeholders and makes pixel_values (milliseconds); the tower is what is saved.
             del batch["pixel_values"]
@@ -60,6 +82,7 @@ def caption_to_conversation(row: dict, prompt: str = DEFAULT_CAPTION_PROMPT) -> 
     inference use.
     """
     return {
+        "id": row.get("id"),
         "images": [row["image"]],
         "messages": [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},

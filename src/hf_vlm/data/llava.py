@@ -5,6 +5,7 @@
   samples allowed) -> conversation shape.
 - `load_conversations`: rows already in TRL's `images` + `messages` shape, or the_cauldron's
   `images` + `texts` shape -> validated conversation shape.
+- `load_captions`: rows already in the caption shape (`image`, `caption`) -> validated caption shape.
 
 A LLaVA record is::
 
@@ -13,13 +14,15 @@ A LLaVA record is::
                        {"from": "gpt", "value": "The bus is white and red."}, ...]}
 
 `"image"` may also be a list of paths (one per `<image>`), or absent for a text-only sample.
-Files are `.jsonl` (one record per line) or otherwise a JSON list. Relative image paths are
+Files are a JSON list or JSON Lines (one record per line), whatever their extension. Relative image paths are
 resolved against `image_folder`, which defaults to the JSON file's folder.
 
 Every sample is validated while the dataset is built (structure, text, and each image opened and,
 with `decode_images=True`, fully decoded), so a bad sample is reported by id before training
 starts. With `on_error="raise"` (default) the first bad sample raises `BadSampleError`; with
 `on_error="skip"` bad samples are dropped and one `SkippedSamplesWarning` counts them by reason.
+Validation shows a progress bar and is cached (`hf_vlm.data.cache`): a second load of the same file with the
+same options reads the stored result.
 """
 
 import json
@@ -27,7 +30,9 @@ import os
 import re
 
 from datasets import Dataset, Image, List
+from tqdm.auto import tqdm
 
+from .cache import cached_validation, file_key
 from .images import image_entry
 from .schema import CAPTION_FEATURES, CONVERSATION_FEATURES, ROLES, BadSampleError, SampleErrors
 
@@ -36,61 +41,64 @@ _PLACEHOLDER = re.compile(r"\s*<image>\s*")
 _LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
-def load_llava_pretrain(path, image_folder=None, *, on_error: str = "raise", decode_images: bool = True) -> Dataset:
+def load_llava_pretrain(
+    path, image_folder=None, *, on_error: str = "raise", decode_images: bool = True, cache: bool = True
+) -> Dataset:
     """LLaVA-Pretrain records -> Dataset with `CAPTION_FEATURES`.
 
     Each record must have one image and two turns: a human prompt holding one `<image>` (the
     prompt text itself is dropped) and a gpt turn, which becomes the caption (stripped, non-empty).
+    With `cache=True` the validated rows are kept (`hf_vlm.data.cache`) and a second call with the same
+    file and options reads them instead of validating again.
     """
-    records, image_folder = _read_records(path, image_folder)
-    errors = SampleErrors(on_error)
-    rows = {"id": [], "image": [], "caption": []}
-    for index, record in enumerate(records):
-        try:
-            sample_id, messages, image_paths = _llava_record(record, index, image_folder)
-            if len(messages) != 2:
-                raise BadSampleError(sample_id, "bad_format", f"expected 2 turns (human, gpt), got {len(messages)}")
-            _check_conversation(messages, len(image_paths), sample_id)
-            if len(image_paths) != 1:
-                raise BadSampleError(sample_id, "image_count_mismatch", f"expected 1 image, got {len(image_paths)}")
-            entry = image_entry(image_paths[0], sample_id, decode=decode_images)
-        except BadSampleError as error:
-            errors.handle(error)
-            continue
-        rows["id"].append(sample_id)
-        rows["image"].append(entry)
-        rows["caption"].append(messages[1]["content"][0]["text"].strip())
-    errors.finish(len(records))
-    return Dataset.from_dict(rows, features=CAPTION_FEATURES)
+
+    def build():
+        records, folder = _read_records(path, image_folder)
+        return _validate(records, lambda record, index: _pretrain_row(record, index, folder, decode_images), on_error, _desc(path))
+
+    key = _file_cache_key(path, image_folder, on_error, decode_images) if cache else None
+    return cached_validation("llava_pretrain", key, CAPTION_FEATURES, build)
 
 
-def load_llava_instruct(path, image_folder=None, *, on_error: str = "raise", decode_images: bool = True) -> Dataset:
+def _pretrain_row(record, index: int, image_folder, decode_images: bool) -> dict:
+    sample_id, messages, image_paths = _llava_record(record, index, image_folder)
+    if len(messages) != 2:
+        raise BadSampleError(sample_id, "bad_format", f"expected 2 turns (human, gpt), got {len(messages)}")
+    _check_conversation(messages, len(image_paths), sample_id)
+    if len(image_paths) != 1:
+        raise BadSampleError(sample_id, "image_count_mismatch", f"expected 1 image, got {len(image_paths)}")
+    entry = image_entry(image_paths[0], sample_id, decode=decode_images)
+    return {"id": sample_id, "image": entry, "caption": messages[1]["content"][0]["text"].strip()}
+
+
+def load_llava_instruct(
+    path, image_folder=None, *, on_error: str = "raise", decode_images: bool = True, cache: bool = True
+) -> Dataset:
     """LLaVA-Instruct records -> Dataset with `CONVERSATION_FEATURES`.
 
     Turns map human -> user, gpt -> assistant, system -> system. Each `<image>` becomes an image
     block at its place in the text, and the placeholder and the whitespace around it are removed
     ("<image>\\nWhat is this?" -> [image, "What is this?"]). The number of placeholders must equal
     the number of images; records without "image" are text-only rows with `images == []`.
+    `cache` as in `load_llava_pretrain`.
     """
-    records, image_folder = _read_records(path, image_folder)
-    errors = SampleErrors(on_error)
-    rows = {"id": [], "images": [], "messages": []}
-    for index, record in enumerate(records):
-        try:
-            sample_id, messages, image_paths = _llava_record(record, index, image_folder)
-            _check_conversation(messages, len(image_paths), sample_id)
-            entries = [image_entry(p, sample_id, decode=decode_images) for p in image_paths]
-        except BadSampleError as error:
-            errors.handle(error)
-            continue
-        rows["id"].append(sample_id)
-        rows["images"].append(entries)
-        rows["messages"].append(messages)
-    errors.finish(len(records))
-    return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
+
+    def row(record, index, folder):
+        sample_id, messages, image_paths = _llava_record(record, index, folder)
+        _check_conversation(messages, len(image_paths), sample_id)
+        return {"id": sample_id, "images": [image_entry(p, sample_id, decode=decode_images) for p in image_paths], "messages": messages}
+
+    def build():
+        records, folder = _read_records(path, image_folder)
+        return _validate(records, lambda record, index: row(record, index, folder), on_error, _desc(path))
+
+    key = _file_cache_key(path, image_folder, on_error, decode_images) if cache else None
+    return cached_validation("llava_instruct", key, CONVERSATION_FEATURES, build)
 
 
-def load_conversations(source, image_folder=None, *, on_error: str = "raise", decode_images: bool = True) -> Dataset:
+def load_conversations(
+    source, image_folder=None, *, on_error: str = "raise", decode_images: bool = True, cache: bool = True
+) -> Dataset:
     """Rows in TRL's or the_cauldron's shape -> validated Dataset with `CONVERSATION_FEATURES`.
 
     `source` is a `datasets.Dataset`, a list of dicts, or a path to a JSON list / JSONL file. Each
@@ -99,53 +107,147 @@ def load_conversations(source, image_folder=None, *, on_error: str = "raise", de
     and optionally `id` (default: the row index). TRL's rules apply: content may be a string, and
     the first user message with string content gets one image block per image in front of its
     text; otherwise image blocks stand where they are. the_cauldron's images go before the first
-    user text. Other columns and block keys are dropped; non-RGB images are converted.
+    user text. Other columns and block keys are dropped; non-RGB images are converted. Text is kept
+    as written, special tokens included: training encodes them as plain text, as inference does.
+    With `cache=True` a file or a `Dataset` (by its fingerprint) is validated once (`hf_vlm.data.cache`).
     """
+    key = None
     if isinstance(source, Dataset):
         if "images" in source.column_names:
             # Read the stored bytes/paths; decoding every image just to re-encode it is wasted work.
             source = source.cast_column("images", List(Image(decode=False)))
-        records = source
+        key = {"fingerprint": source._fingerprint}
     elif isinstance(source, (str, os.PathLike)):
-        records, image_folder = _read_records(source, image_folder)
+        key = file_key(source)
+    if key is not None and cache:
+        key |= {"image_folder": image_folder and os.path.abspath(image_folder), "on_error": on_error, "decode_images": decode_images}
     else:
-        records = source
-    errors = SampleErrors(on_error)
-    rows = {"id": [], "images": [], "messages": []}
-    total = 0
-    for index, record in enumerate(records):
-        total += 1
+        key = None
+
+    def row(record, index, folder):
         sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+        messages, images = _trl_record(record, sample_id)
+        _check_conversation(messages, len(images), sample_id)
+        entries = [image_entry(_resolve(image, folder), sample_id, decode=decode_images) for image in images]
+        return {"id": sample_id, "images": entries, "messages": messages}
+
+    def build():
+        records, folder = (source, image_folder)
+        if isinstance(source, (str, os.PathLike)):
+            records, folder = _read_records(source, image_folder)
+        return _validate(records, lambda record, index: row(record, index, folder), on_error, _desc(source))
+
+    return cached_validation("conversations", key, CONVERSATION_FEATURES, build)
+
+
+def load_captions(source, image_folder=None, *, on_error: str = "raise", decode_images: bool = True, cache: bool = True) -> Dataset:
+    """Rows already in the caption shape (`image`, `caption`, optional `id`) -> validated `CAPTION_FEATURES`.
+
+    `source` is a `datasets.Dataset` (e.g. `load_from_disk` of a saved caption set, or `load_dataset` of one
+    pushed with `Dataset.push_to_hub`), a list of dicts, or a JSON / JSON Lines file of such rows. Images are
+    checked as everywhere (`hf_vlm.data.images`); captions must be non-blank strings and are stripped.
+    """
+    key = None
+    if isinstance(source, Dataset):
+        missing = {"image", "caption"} - set(source.column_names)
+        if missing:
+            raise ValueError(f"Caption rows need 'image' and 'caption' columns; this dataset has {source.column_names}.")
+        source = source.cast_column("image", Image(decode=False))
+        key = {"fingerprint": source._fingerprint}
+    elif isinstance(source, (str, os.PathLike)):
+        key = file_key(source)
+    key = key | {"image_folder": image_folder and os.path.abspath(image_folder), "on_error": on_error, "decode_images": decode_images} if key and cache else None
+
+    def row(record, index, folder):
+        sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+        if not isinstance(record, dict) or "image" not in record or "caption" not in record:
+            raise BadSampleError(sample_id, "bad_format", "expected a dict with 'image' and 'caption'")
+        caption = record["caption"]
+        if not isinstance(caption, str) or not caption.strip():
+            raise BadSampleError(sample_id, "empty_text", f"the caption must be a non-blank string, got {caption!r}")
+        return {"id": sample_id, "image": image_entry(_resolve(record["image"], folder), sample_id, decode=decode_images), "caption": caption.strip()}
+
+    def build():
+        records, folder = (source, image_folder)
+        if isinstance(source, (str, os.PathLike)):
+            records, folder = _read_records(source, image_folder)
+        return _validate(records, lambda record, index: row(record, index, folder), on_error, _desc(source))
+
+    return cached_validation("captions", key, CAPTION_FEATURES, build)
+
+
+def first_record(path):
+    """The first record of a JSON list or JSON Lines data file, read without parsing the rest (None if unreadable).
+
+    Tells the formats apart before choosing a loader; the loader reports what is wrong with an unreadable file.
+    """
+    try:
+        text = open(path, "rb").read().decode("utf-8-sig").lstrip()
+        if text.startswith("["):
+            start = len(text) - len(text[1:].lstrip())
+            return json.JSONDecoder().raw_decode(text, start)[0]
+        return json.loads(next(line for line in text.splitlines() if line.strip()))
+    except (UnicodeDecodeError, ValueError, StopIteration):
+        return None
+
+
+def _validate(records, make_row, on_error: str, desc: str):
+    """Run `make_row(record, index)` over the records with a progress bar: (columns, errors, total)."""
+    errors = SampleErrors(on_error)
+    columns: dict[str, list] = {}
+    total = 0
+    for index, record in enumerate(tqdm(records, desc=desc, mininterval=2)):
+        total += 1
         try:
-            messages, images = _trl_record(record, sample_id)
-            _check_conversation(messages, len(images), sample_id)
-            entries = [image_entry(_resolve(image, image_folder), sample_id, decode=decode_images) for image in images]
+            row = make_row(record, index)
         except BadSampleError as error:
             errors.handle(error)
             continue
-        rows["id"].append(sample_id)
-        rows["images"].append(entries)
-        rows["messages"].append(messages)
-    errors.finish(total)
-    return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
+        for name, value in row.items():
+            columns.setdefault(name, []).append(value)
+    return columns, errors, total
+
+
+def _desc(source) -> str:
+    name = os.path.basename(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "rows"
+    return f"validating {name}"
+
+
+def _file_cache_key(path, image_folder, on_error: str, decode_images: bool) -> dict:
+    return file_key(path) | {"image_folder": image_folder and os.path.abspath(image_folder), "on_error": on_error, "decode_images": decode_images}
 
 
 def _read_records(path, image_folder):
-    """Records from a `.jsonl` file or a JSON list, and the folder relative image paths start from."""
+    """Records from a JSON list or JSON Lines file, and the folder relative image paths start from.
+
+    The content decides the format, whatever the extension: a file starting with `[` is a JSON list, else
+    one JSON object per line. A UTF-8 byte order mark is accepted. Every decode error names the file (and the
+    line, for JSON Lines).
+    """
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as file:
-        if path.endswith(".jsonl"):
-            records = []
-            for number, line in enumerate(file, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}, line {number}: not valid JSON: {error}") from None
-        else:
-            records = json.load(file)
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No such data file: {path}")
+    raw = open(path, "rb").read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start}); save the file as UTF-8.") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {error.lineno}: not valid JSON: {error.msg}") from None
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON Lines (one JSON object per line): {error.msg}") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: expected a JSON list of records or one record per line, found no records")
     return records, image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
 
 

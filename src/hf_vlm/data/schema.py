@@ -58,6 +58,10 @@ REASONS = (
     "image_count_mismatch",  # number of <image> placeholders / image blocks != number of images
     "empty_text",  # an empty caption or answer, or a user turn with neither text nor image
     "bad_format",  # anything else about the record's structure (keys, roles, turn order)
+    # Found by `hf_vlm.data.check_token_lengths`, which knows the tokenizer and `max_length`:
+    "image_truncated",  # max_length would cut an image's tokens
+    "answer_truncated",  # max_length would cut answer tokens (any of them)
+    "no_labels",  # no token would carry a label, so the sample would train on nothing
 )
 
 
@@ -97,8 +101,19 @@ class SampleErrors:
         self.counts[error.reason] += 1
         self.first_ids.setdefault(error.reason, error.sample_id)
 
+    def report(self) -> dict:
+        """The skip counts and first ids, as `from_report` reads them back (for caches)."""
+        return {"on_error": self.on_error, "counts": dict(self.counts), "first_ids": self.first_ids}
+
+    @classmethod
+    def from_report(cls, report: dict) -> "SampleErrors":
+        errors = cls(report["on_error"])
+        errors.counts.update(report["counts"])
+        errors.first_ids.update(report["first_ids"])
+        return errors
+
     def finish(self, total: int) -> None:
-        """Warn once with the counts by reason; raise if nothing is left to train on."""
+        """Warn once with the counts by reason and what is kept; raise if nothing is left to train on."""
         skipped = sum(self.counts.values())
         if not skipped:
             return
@@ -108,4 +123,5 @@ class SampleErrors:
         if skipped == total:
             # An empty dataset would only fail later, in the trainer, with a less helpful message.
             raise ValueError(f"all {total} samples were skipped: {by_reason}")
-        warnings.warn(f"skipped {skipped} of {total} samples: {by_reason}", SkippedSamplesWarning, stacklevel=3)
+        message = f"skipped {skipped} of {total} samples, kept {total - skipped}: {by_reason}"
+        warnings.warn(message, SkippedSamplesWarning, stacklevel=3)
