@@ -8,7 +8,7 @@ and later runs reuse.
     torchrun --nproc_per_node 2 scripts/train_stage1.py --config scripts/configs/stage1_offline.yaml
     accelerate launch scripts/train_stage1.py --config scripts/configs/stage1_siglip_smollm2.yaml  # GPU, Hub ids
 
-Add `--resume_from_checkpoint <output_dir>/checkpoint-N` (or `true` for the latest) to continue a run.
+Add `--resume_from_checkpoint <output_dir>/checkpoint-N` (or `true` for the newest complete one) to continue a run.
 """
 
 from dataclasses import dataclass, field
@@ -17,10 +17,11 @@ from transformers import Trainer, TrainingArguments, set_seed
 from trl import TrlParser
 
 from hf_vlm.build import ModelArguments, load_vlm
+from hf_vlm.checkpoints import checkpoint_to_resume
 from hf_vlm.data.collators import DEFAULT_CAPTION_PROMPT, CaptionCollator
 from hf_vlm.data.sources import caption_dataset
 from hf_vlm.feature_cache import prepare_feature_cache
-from hf_vlm.training import checkpoint_to_resume, save_run, set_trainable
+from hf_vlm.training import save_run, set_trainable
 
 
 @dataclass

@@ -16,12 +16,13 @@ from transformers import set_seed
 from trl import SFTConfig, TrlParser
 
 from hf_vlm.build import ModelArguments, load_vlm
+from hf_vlm.checkpoints import checkpoint_to_resume
 from hf_vlm.data.collators import ConversationCollator
 from hf_vlm.data.sources import conversation_dataset
 from hf_vlm.evaluation import easy_vqa_test_questions
 from hf_vlm.feature_cache import prepare_feature_cache
 from hf_vlm.learning_curve import LearningCurveCallback
-from hf_vlm.training import VLMSFTTrainer, apply_lora, checkpoint_to_resume, param_groups, save_run, set_trainable
+from hf_vlm.training import VLMSFTTrainer, apply_lora, param_groups, save_run, set_trainable
 
 
 @dataclass

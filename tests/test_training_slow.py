@@ -76,6 +76,30 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(backbones, tmp_path):
     assert projector and max((expected[k] - resumed[k]).abs().max().item() for k in expected) <= 1e-6
 
 
+def test_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(backbones, tmp_path):
+    """A stage-1 run SIGKILLed halfway through its second checkpoint resumes with `true` from the first one, trains
+    the remaining steps only, and ends with the uninterrupted run's weights."""
+    from hf_vlm.checkpoints import checkpoint_problems
+
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=2)
+    whole = tiny_stage1_recipe(backbones, tmp_path / "whole.yaml", output_dir=str(tmp_path / "whole"), **settings)
+    run([sys.executable, "scripts/train_stage1.py", "--config", str(whole)])
+
+    cut = tiny_stage1_recipe(backbones, tmp_path / "cut.yaml", output_dir=str(tmp_path / "cut"), **settings)
+    killed = subprocess.run([sys.executable, "tests/launch/stage1_killed_while_saving.py", "--config", str(cut)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    assert checkpoint_problems(tmp_path / "cut" / "checkpoint-2") == []
+    problems = checkpoint_problems(tmp_path / "cut" / "checkpoint-4")
+    assert (tmp_path / "cut" / "checkpoint-4" / "model.safetensors").is_file() and problems[-1].startswith("optimizer.pt is unreadable"), problems
+
+    resumed = run([sys.executable, "scripts/train_stage1.py", "--config", str(cut), "--resume_from_checkpoint", "true"])
+    assert f"resuming from {tmp_path / 'cut' / 'checkpoint-2'}, skipping incomplete checkpoint-4" in resumed.stdout
+    assert resumed.stdout.count("{'loss'") == 4, resumed.stdout  # steps 3 to 6
+    expected, final = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert expected.keys() == final.keys()
+    assert max((expected[k] - final[k]).abs().max().item() for k in expected) <= 1e-6
+
+
 def test_two_process_torchrun_stage1_ends_with_identical_weights(backbones, tmp_path):
     """torchrun --nproc_per_node 2 runs stage 1 (gloo on CPU); both ranks end with the same trained weights, and
     only one process wrote the feature cache (the other found every image stored)."""

@@ -136,20 +136,6 @@ def save_loss_curve(log_history: list[dict], path: str, title: str = "Training l
     plt.close(figure)
 
 
-def checkpoint_to_resume(args) -> str | None:
-    """`--resume_from_checkpoint` as `Trainer.train` takes it: a checkpoint path, or `true` for the newest one
-    in `output_dir` (the command line passes strings, which `Trainer.train` would read as a path)."""
-    value = args.resume_from_checkpoint
-    if value is None or value.lower() not in ("true", "last"):
-        return value
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(args.output_dir)
-    if last is None:
-        raise ValueError(f"--resume_from_checkpoint {value}: there is no checkpoint-N folder in {args.output_dir}.")
-    return last
-
-
 class VLMSFTTrainer(SFTTrainer):
     """TRL's `SFTTrainer`, with a loss that projects only the labelled positions through the LM head on any device.
 
