@@ -20,14 +20,16 @@ from hf_vlm.build import ModelArguments, load_vlm
 from hf_vlm.checkpoints import checkpoint_to_resume
 from hf_vlm.data.collators import DEFAULT_CAPTION_PROMPT, CaptionCollator
 from hf_vlm.data.sources import caption_dataset
+from hf_vlm.data.token_checks import check_token_lengths
 from hf_vlm.feature_cache import prepare_feature_cache
 from hf_vlm.training import save_run, set_trainable
 
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="easy_vqa", metadata={"help": "Comma-separated caption sources, or a LLaVA-Pretrain JSON."})
-    image_folder: str | None = field(default=None, metadata={"help": "Images of a LLaVA-Pretrain JSON."})
+    dataset: str = field(default="easy_vqa", metadata={"help": "Comma-separated caption sources: names, JSON/JSONL files, dataset folders or Hub ids (hf_vlm.data.sources)."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder that relative image paths in a data file start from."})
+    on_error: str = field(default="raise", metadata={"help": "A bad sample (image, format, too long for max_length): 'raise' names it, 'skip' drops it with a count.", "choices": ["raise", "skip"]})
     max_samples: int | None = field(default=None, metadata={"help": "Train on this many captions at most."})
     prompt: str = field(default=DEFAULT_CAPTION_PROMPT, metadata={"help": "The user turn before each caption."})
     max_length: int | None = field(default=None, metadata={"help": "Truncate longer samples."})
@@ -39,8 +41,13 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     model, processor = load_vlm(model_args)
     print("trainable parameters:", set_trainable(model, vision=False, projector=True, language=False))
 
-    # Dataset: captions; the collator renders them as chat turns and keeps the raw columns it needs.
-    dataset = caption_dataset(data_args.dataset, max_samples=data_args.max_samples, seed=training_args.seed, image_folder=data_args.image_folder)
+    # Dataset: captions, validated once (cached) and checked against max_length before step 1; the collator renders
+    # them as chat turns and keeps the raw columns it needs.
+    with training_args.main_process_first(desc="dataset validation"):
+        dataset = caption_dataset(data_args.dataset, max_samples=data_args.max_samples, seed=training_args.seed, image_folder=data_args.image_folder, on_error=data_args.on_error)
+        dataset = check_token_lengths(dataset, processor, data_args.max_length, on_error=data_args.on_error, caption_prompt=data_args.prompt)
+    if training_args.process_index == 0:
+        print(f"training on {len(dataset)} captions")
     training_args.remove_unused_columns = False
     cache = prepare_feature_cache(model, processor, dataset, training_args, model_args.feature_cache_dir) if model_args.cache_vision_features else None
 

@@ -19,6 +19,7 @@ from hf_vlm.build import ModelArguments, load_vlm
 from hf_vlm.checkpoints import checkpoint_to_resume
 from hf_vlm.data.collators import ConversationCollator
 from hf_vlm.data.sources import conversation_dataset
+from hf_vlm.data.token_checks import check_token_lengths
 from hf_vlm.evaluation import easy_vqa_test_questions
 from hf_vlm.feature_cache import prepare_feature_cache
 from hf_vlm.learning_curve import LearningCurveCallback
@@ -27,8 +28,9 @@ from hf_vlm.training import VLMSFTTrainer, apply_lora, param_groups, save_run, s
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="easy_vqa", metadata={"help": "easy_vqa, or a LLaVA-Instruct JSON/JSONL file."})
-    image_folder: str | None = field(default=None, metadata={"help": "Images of a LLaVA-Instruct JSON."})
+    dataset: str = field(default="easy_vqa", metadata={"help": "A source name, a LLaVA / TRL / the_cauldron JSON or JSONL file, a dataset folder or a Hub id (hf_vlm.data.sources)."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder that relative image paths in a data file start from."})
+    on_error: str = field(default="raise", metadata={"help": "A bad sample (image, format, too long for max_length): 'raise' names it, 'skip' drops it with a count.", "choices": ["raise", "skip"]})
     max_samples: int | None = field(default=None, metadata={"help": "Train on this many conversations at most."})
     curve_every: int | None = field(default=None, metadata={"help": "Evaluate easy-VQA accuracy every N samples (a learning curve)."})
     curve_questions: int = field(default=300, metadata={"help": "Held-out easy-VQA test questions per learning-curve point."})
@@ -53,8 +55,13 @@ def main(model_args: ModelArguments, data_args: DataArguments, tuning_args: Tuni
     groups = param_groups(model, rates, training_args.weight_decay)
     print("trainable parameters:", {group["name"]: sum(p.numel() for p in group["params"]) for group in groups})
 
-    # Dataset: conversations in TRL's images + messages shape; our collator builds the labels.
-    dataset = conversation_dataset(data_args.dataset, max_samples=data_args.max_samples, seed=training_args.seed, image_folder=data_args.image_folder)
+    # Dataset: conversations in TRL's images + messages shape, validated once (cached) and checked against max_length
+    # before step 1; our collator builds the labels.
+    with training_args.main_process_first(desc="dataset validation"):
+        dataset = conversation_dataset(data_args.dataset, max_samples=data_args.max_samples, seed=training_args.seed, image_folder=data_args.image_folder, on_error=data_args.on_error)
+        dataset = check_token_lengths(dataset, processor, training_args.max_length, on_error=data_args.on_error)
+    if training_args.process_index == 0:
+        print(f"training on {len(dataset)} conversations")
     training_args.dataset_kwargs = {"skip_prepare_dataset": True}
     training_args.remove_unused_columns = False
     cache = prepare_feature_cache(model, processor, dataset, training_args, model_args.feature_cache_dir) if model_args.cache_vision_features else None
