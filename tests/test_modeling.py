@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 from conftest import IMAGE_SIZE, IMAGE_TOKEN_ID, TEXT_CONFIGS, image_prompt, tiny_config, tiny_model
-from huggingface_hub.errors import StrictDataclassFieldValidationError
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
 
 from hf_vlm import PROJECTORS, VLMForConditionalGeneration
@@ -64,6 +64,16 @@ def test_bad_config_options_are_rejected():
         tiny_config(image_seq_length=5)
     with pytest.raises(ValueError, match="vision_grid_size"):
         tiny_config("timm", vision_grid_size=None, image_size=None)
+
+
+@pytest.mark.parametrize("image_token_id", [-1, 128, 32000])
+def test_image_token_id_outside_the_vocabulary_is_rejected(image_token_id):
+    """An image_token_id outside [0, vocab_size) raises naming the id and the vocabulary size; None and the last id pass."""
+    with pytest.raises(StrictDataclassClassValidationError, match=rf"image_token_id={image_token_id} is outside the text model's vocabulary of 128 tokens") as error:
+        tiny_config(image_token_id=image_token_id)
+    assert isinstance(error.value.__cause__, ValueError)
+    assert tiny_config(image_token_id=None).image_token_id is None
+    assert tiny_config(image_token_id=127).image_token_id == 127
 
 
 def test_token_count_mismatch_names_both_counts(model):

@@ -22,7 +22,8 @@ class VLMConfig(PreTrainedConfig):
             `siglip_vision_model`, `clip_vision_model`, or `timm_wrapper` for a timm CNN.
         text_config (`dict` or `PreTrainedConfig`): any causal LM that `AutoModel` builds, e.g. `llama`, `qwen2`.
         projector_type (`str`): one of `PROJECTORS`: `linear`, `mlp`, `pixel_shuffle`, `c_abstractor`, `resampler`.
-        image_token_id (`int`): the token id whose positions receive the image features.
+        image_token_id (`int`): the token id whose positions receive the image features; an id of the text
+            config's vocabulary (`0 <= image_token_id < text_config.vocab_size`).
         vision_feature_layer (`int`, `list[int]` or `None`): which hidden states of the vision tower feed the
             projector; a list is concatenated on channels. `None` takes the tower's `last_hidden_state` (for a
             timm CNN, its final feature map).
@@ -45,7 +46,7 @@ class VLMConfig(PreTrainedConfig):
     >>> from transformers import LlamaConfig, SiglipVisionConfig
     >>> from hf_vlm import VLMConfig
     >>> config = VLMConfig(vision_config=SiglipVisionConfig(image_size=224, patch_size=16),
-    ...                    text_config=LlamaConfig(), projector_type="pixel_shuffle", image_token_id=32000)
+    ...                    text_config=LlamaConfig(vocab_size=1000), projector_type="pixel_shuffle", image_token_id=999)
     >>> config.image_seq_length  # (224 / 16 / 2) ** 2
     49
     ```
@@ -122,6 +123,16 @@ class VLMConfig(PreTrainedConfig):
             raise ValueError(f"drop_cls_token=True, but {self.vision_config.model_type!r} emits no CLS token.")
         if self.pixel_shuffle_factor < 1 or self.projector_num_tokens < 1:
             raise ValueError("pixel_shuffle_factor and projector_num_tokens must be positive.")
+        # No tokenizer of this vocabulary emits an id outside it, so every image would fail later, far from the
+        # cause (a token-count mismatch, an index error in the inputs_embeds path). transformers' own token-id
+        # check only warns, and reads the text config's ids, not this one.
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        if self.image_token_id is not None and vocab_size is not None and not 0 <= self.image_token_id < vocab_size:
+            raise ValueError(
+                f"image_token_id={self.image_token_id} is outside the text model's vocabulary of {vocab_size} tokens "
+                f"(ids 0 to {vocab_size - 1}); add an image token to the tokenizer and grow the embeddings "
+                "(hf_vlm.build_vlm does both)."
+            )
 
 
 __all__ = ["VLMConfig"]

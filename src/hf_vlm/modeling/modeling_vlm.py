@@ -21,6 +21,30 @@ from .configuration_vlm import VLMConfig
 from .projectors import PROJECTORS, ResamplerProjector
 
 
+def _check_is_tensor(name: str, value, shape: str, how: str):
+    """Numpy arrays, lists and PIL images have no place here; say so before the tower fails on them obscurely."""
+    if not isinstance(value, torch.Tensor):
+        kind = type(value).__qualname__ if type(value).__module__ == "builtins" else f"{type(value).__module__}.{type(value).__qualname__}"
+        raise ValueError(f"{name} must be a torch.Tensor of shape {shape}, got a {kind}; {how}.")
+
+
+def _check_values(name: str, images: torch.Tensor, remedy: str):
+    """At least one image, every value finite: NaN or inf would otherwise become NaN logits and garbage text.
+
+    One reduction over the values, a fraction of what the tower or projector that reads them costs; `generate`
+    runs it once, in `get_image_features` before prefill.
+    """
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} holds 0 images (shape {tuple(images.shape)}); for text alone pass no image input.")
+    finite = torch.isfinite(images)
+    if not finite.all():
+        bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{name} holds {int((~finite).sum())} NaN or infinite values, in images {bad[:10]}{' ...' if len(bad) > 10 else ''} "
+            f"of {images.shape[0]}; {remedy}."
+        )
+
+
 class VLMPreTrainedModel(PreTrainedModel):
     config: VLMConfig
     base_model_prefix = "model"
@@ -73,17 +97,25 @@ class VLMModel(VLMPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def _check_pixel_values(self, pixel_values: torch.Tensor):
-        expected_channels = getattr(self.config.vision_config, "num_channels", 3)
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != expected_channels:
+        channels, size = getattr(self.config.vision_config, "num_channels", 3), self.config.image_size
+        how = 'VLMProcessor (or its image processor) with return_tensors="pt" makes them from images'
+        _check_is_tensor("pixel_values", pixel_values, f"(num_images, {channels}, {size}, {size})", how)
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
             raise ValueError(
-                f"pixel_values must be (num_images, {expected_channels}, height, width), got {tuple(pixel_values.shape)}."
+                f"pixel_values must be (num_images, {channels}, height, width), got {tuple(pixel_values.shape)}."
             )
-        size = self.config.image_size
         if tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(
                 f"pixel_values are {pixel_values.shape[-2]}x{pixel_values.shape[-1]} pixels, this model expects "
                 f"{size}x{size} (config.image_size); VLMProcessor resizes images to that size."
             )
+        if not pixel_values.is_floating_point():
+            # Casting would feed raw 0-255 (or 0/1) values to a tower trained on normalised pixels: garbage, no error.
+            raise ValueError(
+                f"pixel_values are {pixel_values.dtype}; the model takes the image processor's normalised float pixels, "
+                f"not raw ones: {how}."
+            )
+        _check_values("pixel_values", pixel_values, "check the images and the image processor's mean and std")
 
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Run the vision tower: (num_images, channels, image_size, image_size) -> (num_images, N, C).
@@ -134,11 +166,16 @@ class VLMModel(VLMPreTrainedModel):
 
     def _check_vision_features(self, vision_features: torch.Tensor):
         patches, channels = self.config.vision_num_patches, self.config.vision_feature_size
+        how = "they are what get_vision_features returns for the images (hf_vlm.feature_cache stores them)"
+        _check_is_tensor("vision_features", vision_features, f"(num_images, {patches}, {channels})", how)
         if vision_features.ndim != 3 or tuple(vision_features.shape[1:]) != (patches, channels):
             raise ValueError(
                 f"vision_features must be (num_images, {patches}, {channels}) for this model's tower, got "
                 f"{tuple(vision_features.shape)}; they are what get_vision_features returns."
             )
+        if not vision_features.is_floating_point():
+            raise ValueError(f"vision_features are {vision_features.dtype}, not floating point; {how}.")
+        _check_values("vision_features", vision_features, "check the vision tower and the feature cache that made them")
 
     def _merge_image_tokens(self, input_ids, inputs_embeds, image_features: list[torch.Tensor]) -> torch.Tensor:
         """Write image features into the positions of `image_token_id`, checking that the counts agree."""
