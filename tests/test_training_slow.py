@@ -1,6 +1,7 @@
 """The training scripts as users launch them: from the command line with a YAML recipe, killed and resumed,
 and under torchrun with two processes (gloo on the CPU)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -101,14 +102,24 @@ def test_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(backb
 
 
 def test_two_process_torchrun_stage1_ends_with_identical_weights(backbones, tmp_path):
-    """torchrun --nproc_per_node 2 runs stage 1 (gloo on CPU); both ranks end with the same trained weights, and
-    only one process wrote the feature cache (the other found every image stored)."""
+    """torchrun --nproc_per_node 2 runs stage 1 (gloo on CPU) from a caption file; both ranks end with the same
+    trained weights, only the main process validated the data, and only one wrote the feature cache (the other
+    found every image stored)."""
+    from PIL import Image
+
     features = tmp_path / "features"
-    recipe = tiny_stage1_recipe(backbones, tmp_path / "ddp.yaml", output_dir=str(tmp_path / "ddp"), feature_cache_dir=str(features))
+    rows = []
+    for i in range(32):
+        Image.new("RGB", (16, 16), (i * 8, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"id": f"c{i}", "image": f"{i}.png", "caption": f"A square of red {i}."}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(rows))
+    recipe = tiny_stage1_recipe(backbones, tmp_path / "ddp.yaml", output_dir=str(tmp_path / "ddp"), feature_cache_dir=str(features),
+                                dataset=str(tmp_path / "captions.jsonl"))
     torchrun = Path(sys.executable).parent / "torchrun"
     run([str(torchrun), "--nproc_per_node", "2", "tests/launch/stage1_per_rank.py", "--config", str(recipe)])
-    ranks = [torch.load(tmp_path / "ddp" / f"rank{i}.pt") for i in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["validated"] for r in ranks] == [32, 0]
     first, second = ranks[0]["weights"], ranks[1]["weights"]
     assert first.keys() == second.keys() and all("multi_modal_projector" in k for k in first)
     assert all(torch.equal(first[k], second[k]) for k in first)

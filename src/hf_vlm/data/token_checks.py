@@ -78,12 +78,18 @@ def check_token_lengths(
     return dataset.select(kept) if len(kept) < len(dataset) else dataset
 
 
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the ids: the fast tokenizer's full definition, else vocabulary and class."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    return hashlib.sha256(definition.encode()).hexdigest()
+
+
 def _key(dataset: Dataset, processor, max_length, caption_prompt) -> str:
-    tokenizer = processor.tokenizer
     parts = {
         "format": CHECK_FORMAT,
         "dataset": dataset._fingerprint,
-        "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+        "tokenizer": _tokenizer_fingerprint(processor.tokenizer),
         "chat_template": processor.chat_template,
         "image_token": processor.image_token,
         "image_seq_length": processor.image_seq_length,
