@@ -37,6 +37,7 @@ from hf_vlm.evaluation import easy_vqa_caption_accuracy, easy_vqa_test_questions
 from hf_vlm.feature_cache import VisionFeatureCache
 from hf_vlm.hub import model_card
 from hf_vlm.pretrained_parts import efficientnet_lite0, smollm2_135m_instruct
+from hf_vlm.saving import replacing
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -167,10 +168,9 @@ def show_answers(trained, processor, folder: Path, count: int = 6) -> list[dict]
 def save_model_folder(model, processor, target: Path, results: dict, stage1: list, stage2: list) -> None:
     """The final model with processor, remote code and a model card (README.md), ready for `hf_vlm.hub.push`.
 
-    `model` is the trained one, which `show_answers` has just checked against its saved folder.
+    `model` is the trained one, which `show_answers` has just checked against its saved folder. The folder is
+    replaced in one swap, so a kill leaves the previous one or this one (`hf_vlm.saving.replacing`).
     """
-    model.save_pretrained(target)
-    processor.save_pretrained(target)
     metrics = {f"vqa_accuracy_{group}": values["accuracy"] for group, values in results["metrics"].items()}
     training = (
         f"Stage 1: projector only, {stage1[1].max_samples or 'all'} captions ({stage1[1].dataset}), lr {stage1[2].learning_rate}. "
@@ -185,7 +185,10 @@ def save_model_folder(model, processor, target: Path, results: dict, stage1: lis
         training=training,
         license="apache-2.0",
     )
-    card.save(target / "README.md")
+    with replacing(target) as folder:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        card.save(folder / "README.md")
 
 
 if __name__ == "__main__":

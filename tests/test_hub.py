@@ -1,19 +1,24 @@
 """Sharing through the Hub, against the loopback Hub: push model + processor + card in one commit, load by repo
-id with and without hf_vlm, the card's metadata and snippet, revisions, failed uploads, and dataset pushes."""
+id with and without hf_vlm, the card's metadata and snippet, revisions, failed, unreachable, interrupted and killed
+pushes, no local paths in what is pushed, and dataset pushes."""
 
 import copy
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 from conftest import WITHOUT_HF_VLM
 import torch
 from datasets import Dataset, load_dataset
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from PIL import Image
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
@@ -152,6 +157,92 @@ def test_failed_upload_names_the_file_and_keeps_the_previous_commit(hub, built, 
     assert REPO in str(excinfo.value) and failing_file in str(excinfo.value)
     assert HfApi().repo_info(REPO).sha == first.oid
     assert_same_weights(VLMForConditionalGeneration.from_pretrained(REPO), model)
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachable_hub_raises_a_clear_error(hub, built, monkeypatch):
+    """With the endpoint down, push fails at create_repo with a RuntimeError naming repo and endpoint, and the cause."""
+    model, processor = built
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    with pytest.raises(RuntimeError) as excinfo:
+        push(model, processor, REPO)
+    message = str(excinfo.value)
+    assert REPO in message and endpoint in message and "refused" in message.lower(), message
+
+
+def push_copies(root) -> list[str]:
+    folder = root / "push-tmp"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_interrupted_push_leaves_no_copy(hub, built, tmp_path, monkeypatch):
+    """Ctrl-C during the upload, or a failed upload, leaves no model copy under $HF_VLM_CACHE/push-tmp."""
+    model, processor = built
+    monkeypatch.setenv("HF_VLM_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    def interrupted(self, folder_path, **kwargs):
+        seen.append(sorted(p.name for p in Path(folder_path).iterdir()))
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(HfApi, "upload_folder", interrupted)
+        push(model, processor, REPO)
+    assert "model.safetensors" in seen[0] and push_copies(tmp_path / "cache") == []
+
+    hub.server.fail_next_upload("model.safetensors")
+    with pytest.raises(RuntimeError, match="model.safetensors"):
+        push(model, processor, REPO)
+    assert push_copies(tmp_path / "cache") == []
+
+
+KILLED_PUSH = """
+import os, signal, sys
+from huggingface_hub import HfApi
+from hf_vlm import VLMForConditionalGeneration, VLMProcessor
+from hf_vlm.hub import push
+
+folder, repo = sys.argv[1:]
+HfApi.upload_folder = lambda self, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # no handler runs
+push(VLMForConditionalGeneration.from_pretrained(folder), VLMProcessor.from_pretrained(folder), repo)
+"""
+
+
+def test_copy_left_by_a_killed_push_goes_with_the_next_push(hub, built, tmp_path, monkeypatch):
+    """A push killed mid-upload leaves its copy; the next push removes it and its own."""
+    model, processor = built
+    monkeypatch.setenv("HF_VLM_CACHE", str(tmp_path / "cache"))
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_PUSH), str(tmp_path / "model"), REPO],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-3000:]
+    (left,) = push_copies(tmp_path / "cache")
+    assert (tmp_path / "cache" / "push-tmp" / left / "model.safetensors").exists()
+
+    push(model, processor, REPO)
+    assert push_copies(tmp_path / "cache") == []
+
+
+def test_pushed_config_names_hub_backbones_not_local_folders(hub, built, backbones):
+    """config.json on the Hub keeps a backbone's Hub id and drops a local folder (build_vlm got one of each here)."""
+    model, processor = built
+    named = copy.deepcopy(model)
+    named.config.vision_config._name_or_path = "org/vision"  # as if built from the Hub; the LM stays a local folder
+    push(named, processor, REPO)
+    config = json.loads(Path(hf_hub_download(REPO, "config.json")).read_text())
+    assert config["vision_config"]["_name_or_path"] == "org/vision"
+    assert config["text_config"].get("_name_or_path", "") == ""  # "" is the default, left out
+    assert str(Path(backbones["llama"]).parent) not in json.dumps(config)
+    assert named.config.text_config._name_or_path == backbones["llama"]  # the model in memory is unchanged
+    assert model_card(VLMForConditionalGeneration.from_pretrained(REPO), repo_id=REPO).data.base_model == ["org/vision"]
 
 
 def tiny_images(count: int) -> list[Image.Image]:

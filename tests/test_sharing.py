@@ -1,4 +1,6 @@
 import ast
+import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,6 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 import hf_vlm
 from hf_vlm import VLMConfig, VLMForConditionalGeneration, VLMModel, VLMProcessor, build_vlm
+from hf_vlm.build import ModelArguments, load_vlm
 
 SHIPPED = Path(hf_vlm.__file__).parent
 SHIPPED_FILES = [
@@ -53,6 +56,36 @@ def test_saved_folder_carries_its_code_and_auto_map(saved):
         "AutoModel": "modeling_vlm.VLMModel",
         "AutoModelForImageTextToText": "modeling_vlm.VLMForConditionalGeneration",
     }
+
+
+def test_saved_config_has_no_local_paths(saved, backbones):
+    """build_vlm got local folders; config.json names neither, and nothing of their path."""
+    text = (saved / "config.json").read_text()
+    config = json.loads(text)
+    assert str(Path(backbones["siglip"]).parent) not in text
+    assert [config[part].get("_name_or_path", "") for part in ("vision_config", "text_config")] == ["", ""]
+
+
+def missing(tmp_path) -> dict[str, str]:
+    return {"absolute": str(tmp_path / "stage1x"), "nested": "runs/demo/stage1x", "dot": "./stage1x", "home": "~/stage1x"}
+
+
+@pytest.mark.parametrize("kind", ["absolute", "nested", "dot", "home"])
+@pytest.mark.parametrize("argument", ["model_name_or_path", "vision_model", "text_model"])
+def test_missing_local_folder_says_no_such_folder(backbones, tmp_path, monkeypatch, argument, kind):
+    """A name that can only be a path and does not exist fails as "no such folder: <path>", before any Hub lookup."""
+    monkeypatch.chdir(tmp_path)
+    path = missing(tmp_path)[kind]
+    fields = {"model_name_or_path": None, "vision_model": backbones["siglip"], "text_model": backbones["llama"]} | {argument: path}
+    with pytest.raises(FileNotFoundError, match=f"{argument}: no such folder: {re.escape(path)}$"):
+        load_vlm(ModelArguments(**fields))
+
+
+def test_name_that_could_be_a_hub_id_says_no_such_folder_too(monkeypatch, tmp_path):
+    """`runs/stage1x` could be a Hub repo, so the Hub is asked; its failure still says that no such folder exists."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match="model_name_or_path: no such folder: runs/stage1x, and loading it as a Hub id failed"):
+        load_vlm(ModelArguments(model_name_or_path="runs/stage1x"))
 
 
 REMOTE_SCRIPT = WITHOUT_HF_VLM + """

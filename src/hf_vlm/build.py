@@ -1,8 +1,11 @@
 """build_vlm: a VLM and its processor from a pretrained vision encoder and a pretrained causal LM."""
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -47,12 +50,14 @@ def build_vlm(
         `(model, processor)` that agree on `image_token_id` and `image_seq_length`, the model in eval mode as
         `from_pretrained` returns it. The tokenizer pads on the left, as generation needs.
     """
-    tower = _load_vision_tower(vision_model, dtype)
-    image_processor = AutoImageProcessor.from_pretrained(vision_model)
+    with _loading_from(vision_model, "vision_model"):
+        tower = _load_vision_tower(vision_model, dtype)
+        image_processor = AutoImageProcessor.from_pretrained(vision_model)
     image_processor, image_size = _fit_image_processor(image_processor, tower, image_size)
 
-    language_model = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(text_model, padding_side="left")
+    with _loading_from(text_model, "text_model"):
+        language_model = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(text_model, padding_side="left")
     tokenizer.add_tokens([image_token], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -81,6 +86,27 @@ def build_vlm(
         image_seq_length=config.image_seq_length,
     )
     return model, processor
+
+
+@contextmanager
+def _loading_from(name: str, argument: str):
+    """Load from `name`, a local folder or a Hub id, saying plainly when a folder is missing.
+
+    A name that can only be a path (huggingface_hub's repo-id rules reject `/abs`, `./x`, `~/x`, `a/b/c`) and does
+    not exist fails here, before any Hub lookup whose error would speak of connections. A name that could be
+    either (`runs/stage1`) goes to the Hub, and its failure says that no such folder exists either.
+    """
+    if not os.path.exists(name):
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            raise FileNotFoundError(f"{argument}: no such folder: {name}") from None
+    try:
+        yield
+    except OSError as error:
+        if os.path.exists(name):
+            raise
+        raise OSError(f"{argument}: no such folder: {name}, and loading it as a Hub id failed: {error}") from error
 
 
 def _stop_at_end_of_turn(generation_config, tokenizer, end_token: str | None) -> None:
@@ -186,8 +212,9 @@ class ModelArguments:
 def load_vlm(args: ModelArguments) -> tuple[VLMForConditionalGeneration, VLMProcessor]:
     """`from_pretrained` when `model_name_or_path` is given, else `build_vlm(vision_model, text_model, ...)`."""
     if args.model_name_or_path is not None:
-        model = VLMForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=torch.float32)
-        return model, VLMProcessor.from_pretrained(args.model_name_or_path)
+        with _loading_from(args.model_name_or_path, "model_name_or_path"):
+            model = VLMForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+            return model, VLMProcessor.from_pretrained(args.model_name_or_path)
     if args.vision_model is None or args.text_model is None:
         raise ValueError("Give model_name_or_path, or both vision_model and text_model.")
     overrides = {"projector_num_tokens": args.projector_num_tokens, "pixel_shuffle_factor": args.pixel_shuffle_factor}

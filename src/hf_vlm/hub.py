@@ -15,15 +15,16 @@ This module is not shipped with checkpoints; it may import anything.
 """
 
 import os
-import re
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .modeling import VLMForConditionalGeneration
 from .processing import VLMProcessor
+from .saving import scratch_folder
 
 TAGS = ["hf_vlm", "vision-language", "image-text-to-text", "custom_code"]
 EXAMPLE_QUESTION = "What is in the image?"
@@ -122,21 +123,37 @@ def push(
     The repo is created if needed. `card` replaces the generated card; otherwise `card_kwargs` go to
     `model_card`. `revision` is the branch to commit to (default main). Returns the `CommitInfo`; its `oid` is
     the commit sha that `from_pretrained(revision=...)` takes. The Hub applies a commit whole or not at all, so
-    when any file fails to upload this raises a `RuntimeError` naming the repo and carrying the client's error
-    (which names the file), and the repo keeps its previous commit.
+    when any Hub call fails (an unreachable endpoint, a refused repo, a file that fails to upload) this raises a
+    `RuntimeError` naming the repo, the endpoint and the client's error (which names the file), and the repo keeps
+    its previous commit.
+
+    The folder uploaded is a copy under `$HF_VLM_CACHE/push-tmp` (default `~/.cache/hf_vlm/push-tmp`), removed
+    when the push ends, however it ends; a copy that a killed push left there goes with the next push.
     """
     api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # "name" -> "user/name"
+    with _hub_call(api, repo_id):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # "name" -> "user/name"
     card = card or model_card(model, repo_id=repo_id, **card_kwargs)
-    with tempfile.TemporaryDirectory() as folder:
+    with scratch_folder(_push_copies()) as folder:
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
-        card.save(Path(folder) / "README.md")
-        try:
+        card.save(folder / "README.md")
+        with _hub_call(api, repo_id):
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                      revision=revision)
-        except Exception as error:
-            raise RuntimeError(f"Pushing to {repo_id} failed: {_explain(error)}") from error
+
+
+def _push_copies() -> Path:
+    return Path(os.environ.get("HF_VLM_CACHE") or Path.home() / ".cache" / "hf_vlm").expanduser() / "push-tmp"
+
+
+@contextmanager
+def _hub_call(api: HfApi, repo_id: str):
+    """Any failure of the Hub calls inside becomes one `RuntimeError` that says which repo, where and why."""
+    try:
+        yield
+    except Exception as error:
+        raise RuntimeError(f"Pushing to {repo_id} at {api.endpoint} failed: {_explain(error)}") from error
 
 
 def _explain(error: BaseException) -> str:
@@ -151,9 +168,13 @@ def _explain(error: BaseException) -> str:
     return "; caused by: ".join(messages)
 
 
-def _is_hub_id(name: str) -> bool:
-    """`"org/name"` that is not a local path."""
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name or "")) and not os.path.exists(name)
+def _is_hub_id(name: str | None) -> bool:
+    """A valid Hub repo id (huggingface_hub's rules) that is not a local path."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return bool(name) and not os.path.exists(name)
 
 
 def _eval_results(report: dict) -> list[EvalResult]:

@@ -12,6 +12,8 @@ from torch import nn
 from transformers import Trainer
 from trl import SFTTrainer
 
+from .saving import replacing
+
 try:  # TRL's own test for devices where its fused LM head keeps only the labelled positions
     from trl.kernels.chunked_logprob import _use_triton
 except ImportError:  # a private helper: if TRL moves it, assume what TRL 1.16 does
@@ -106,16 +108,20 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: int = 32, dropout: float
 def save_run(trainer, processor, output_dir: str) -> None:
     """Save a complete model folder (weights, processor, remote code) and `loss.png` into `output_dir`.
 
-    LoRA adapters are merged into a copy of the model, so `from_pretrained` loads the folder as it is and the
-    trained peft model stays as it was. Only the main process writes.
+    The folder is replaced in one swap (`hf_vlm.saving.replacing`): a kill leaves the old model or the new one,
+    never a mix. Its subfolders (`checkpoint-N`, logs, learning curves) stay; files that earlier saves or the
+    trainer left at the top (an old card, old weight shards) do not. LoRA adapters are merged into a copy of the
+    model, so `from_pretrained` loads the folder as it is and the trained peft model stays as it was. Only the
+    main process writes.
     """
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
     if trainer.is_world_process_zero():
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
-        save_loss_curve(trainer.state.log_history, f"{output_dir}/loss.png")
+        with replacing(output_dir) as folder:
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            save_loss_curve(trainer.state.log_history, folder / "loss.png")
 
 
 def save_loss_curve(log_history: list[dict], path: str, title: str = "Training loss") -> None:
@@ -146,6 +152,10 @@ class VLMSFTTrainer(SFTTrainer):
     (`VLMForConditionalGeneration.forward`), through `Trainer.compute_loss` (its scaling for `num_items_in_batch`
     and multiple processes included), and logs the same `entropy` and `mean_token_accuracy` as TRL.
     """
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """Write no card. TRL's (written into `output_dir` at every checkpoint, and by `push_to_hub`) describes a
+        text-generation model fine-tuned from "None"; `hf_vlm.hub.model_card` writes this model's card."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plain_nll = self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None

@@ -63,7 +63,29 @@ class VLMPreTrainedModel(PreTrainedModel):
                 "AutoModel": "modeling_vlm.VLMModel",
                 "AutoModelForImageTextToText": "modeling_vlm.VLMForConditionalGeneration",
             }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # A backbone's `_name_or_path` is what `build_vlm` loaded it from. A Hub id names a base model (the model
+        # card lists it); a local folder means nothing elsewhere and would publish the user's paths, so it stays
+        # out of config.json (the model in memory keeps it). Imported here, as this method alone needs them.
+        import os
+
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        def is_hub_id(name) -> bool:
+            try:
+                validate_repo_id(name)
+            except HFValidationError:
+                return False
+            return bool(name) and not os.path.exists(name)
+
+        names = [(backbone, backbone._name_or_path) for backbone in (self.config.vision_config, self.config.text_config)]
+        for backbone, name in names:
+            if not is_hub_id(name):
+                backbone._name_or_path = ""
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            for backbone, name in names:
+                backbone._name_or_path = name
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -1,0 +1,235 @@
+"""Saving over an existing folder: an error or a kill at any point leaves the old folder or the new one, whole, and
+the next save removes what a killed one left (hf_vlm.saving.replacing, used by save_run and the demo)."""
+
+import copy
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from test_training import SCRIPTS, run_stage2
+from transformers import Trainer, TrainingArguments
+
+from hf_vlm import VLMForConditionalGeneration
+from hf_vlm.saving import recover, replacing
+from hf_vlm.training import save_run
+
+
+def contents(folder: Path) -> dict[str, str]:
+    """Every file under `folder`, subfolders included: relative path -> sha256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def siblings(folder: Path) -> list[str]:
+    """What `replacing` writes beside `folder`: `.<name>.saving-...` and `.<name>.old-...`."""
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+def run(script: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def old_folder(root: Path) -> Path:
+    """A folder as an earlier save left it: files at the top, and subfolders (checkpoints) that must survive."""
+    folder = root / "run"
+    (folder / "checkpoint-1").mkdir(parents=True)
+    (folder / "checkpoint-2").mkdir()
+    (folder / "weights").write_text("old weights")
+    (folder / "README.md").write_text("a stale card")
+    (folder / "checkpoint-1" / "state").write_text("step 1")
+    (folder / "checkpoint-2" / "state").write_text("step 2")
+    return folder
+
+
+def test_replacing_swaps_in_the_new_files_and_keeps_subfolders(tmp_path):
+    """The folder's files become those written in the block (a stale card goes); its subfolders stay; nothing is left beside it."""
+    folder = old_folder(tmp_path)
+    folder.chmod(0o750)
+    with replacing(folder) as staging:
+        assert staging.parent == folder.parent and contents(folder)["weights"]  # the old folder is untouched meanwhile
+        (staging / "weights").write_text("new weights")
+    assert {name: (folder / name).read_text() for name in contents(folder)} == {
+        "weights": "new weights", "checkpoint-1/state": "step 1", "checkpoint-2/state": "step 2"}
+    assert siblings(folder) == [] and folder.stat().st_mode & 0o777 == 0o750
+
+    link = tmp_path / "link"  # a symlinked run folder is replaced where it lies
+    link.symlink_to(folder)
+    with replacing(link) as staging:
+        (staging / "weights").write_text("through the link")
+    assert link.is_symlink() and (folder / "weights").read_text() == "through the link" and siblings(folder) == []
+
+    with replacing(tmp_path / "new" / "folder") as staging:  # a folder that does not exist yet
+        (staging / "weights").write_text("first")
+    assert (tmp_path / "new" / "folder" / "weights").read_text() == "first" and siblings(tmp_path / "new" / "folder") == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["exception", "KeyboardInterrupt"])
+def test_an_error_while_writing_leaves_the_old_folder_and_no_staging(tmp_path, error):
+    """An exception or Ctrl-C inside the block leaves the old folder byte for byte, and no staging folder."""
+    folder = old_folder(tmp_path)
+    before = contents(folder)
+    with pytest.raises(type(error)):
+        with replacing(folder) as staging:
+            (staging / "weights").write_text("half")
+            raise error
+    assert contents(folder) == before and siblings(folder) == []
+
+
+KILLED_IN_SAVE_PRETRAINED = """
+import os, signal, sys
+import transformers.modeling_utils
+from transformers import Trainer, TrainingArguments
+from hf_vlm import VLMForConditionalGeneration, VLMProcessor
+from hf_vlm.training import save_run
+
+source, target = sys.argv[1:]
+model, processor = VLMForConditionalGeneration.from_pretrained(source), VLMProcessor.from_pretrained(source)
+trainer = Trainer(model=model, args=TrainingArguments(output_dir=target, use_cpu=True, report_to="none"))
+
+def killed(tensors, filename, metadata=None):  # the weights half written, then SIGKILL: no handler runs
+    with open(filename, "wb") as file:
+        file.write(b"\\0" * 4096)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+transformers.modeling_utils.safe_save_file = killed
+save_run(trainer, processor, target)
+"""
+
+
+def trainer_for(model, output_dir: Path) -> Trainer:
+    return Trainer(model=copy.deepcopy(model), args=TrainingArguments(output_dir=str(output_dir), use_cpu=True, report_to="none"))
+
+
+def test_save_run_killed_inside_save_pretrained_leaves_the_old_folder_and_the_next_save_cleans_up(built, tmp_path):
+    """SIGKILL while save_run writes the weights leaves the old folder whole; the next save_run is complete and leaves no temp folder."""
+    model, processor = built
+    target = tmp_path / "stage1"
+    save_run(trainer_for(model, target), processor, target)
+    (target / "checkpoint-3").mkdir()
+    (target / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    before = contents(target)
+
+    result = run(KILLED_IN_SAVE_PRETRAINED, target, target)
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert contents(target) == before  # the old weights, config and code, untouched
+    assert [name.split("-")[0] for name in siblings(target)] == [".stage1.saving"]  # what the kill left
+
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in changed.model.multi_modal_projector.parameters():
+            parameter.add_(1.0)
+    save_run(trainer_for(changed, target), processor, target)
+    assert siblings(target) == []
+    assert set(contents(target)) == set(before)  # the same files, checkpoint-3 included
+    saved = load_file(target / "model.safetensors")
+    projector = {f"model.multi_modal_projector.{name}": p for name, p in changed.model.multi_modal_projector.named_parameters()}
+    assert projector and all(torch.equal(saved[name], parameter) for name, parameter in projector.items())
+
+
+KILLED_IN_SWAP = """
+import os, signal, sys
+from pathlib import Path
+from hf_vlm.saving import replacing
+
+target, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+calls, real_replace = [], os.replace
+
+def replace(source, destination):  # SIGKILL just before the kill_at-th rename
+    calls.append(source)
+    if len(calls) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(source, destination)
+
+os.replace = replace
+with replacing(target) as folder:
+    (folder / "weights").write_text("new weights")
+"""
+
+
+@pytest.mark.parametrize("kill_at", [2, 4], ids=["between the two renames", "while moving subfolders"])
+def test_a_kill_during_the_swap_is_repaired_by_the_next_save(tmp_path, kill_at):
+    """Killed between the swap's renames, the old folder lies whole beside the target and `recover` puts it back;
+    killed while subfolders move, none is lost; either way the next save leaves the new files, every subfolder and no siblings."""
+    folder = old_folder(tmp_path)
+    before = contents(folder)
+    result = run(KILLED_IN_SWAP, folder, kill_at)
+    assert result.returncode == -9, result.stderr[-3000:]
+    if kill_at == 2:
+        assert not folder.exists()
+        (previous,) = [folder.parent / name for name in siblings(folder) if ".old-" in name]
+        assert contents(previous) == before
+        recover(folder)
+        assert contents(folder) == before and siblings(folder) == []
+    else:
+        assert (folder / "weights").read_text() == "new weights" and len(siblings(folder)) == 1
+        recover(folder)
+        assert {"weights", "checkpoint-1/state", "checkpoint-2/state"} == set(contents(folder)) and siblings(folder) == []
+
+    with replacing(folder) as staging:
+        (staging / "weights").write_text("newer weights")
+    assert (folder / "weights").read_text() == "newer weights"
+    assert set(contents(folder)) == {"weights", "checkpoint-1/state", "checkpoint-2/state"} and siblings(folder) == []
+
+
+def test_leftovers_of_live_processes_are_left_alone(tmp_path):
+    """A staging folder named after a running process (a save in progress elsewhere) survives another save."""
+    import socket
+
+    folder = old_folder(tmp_path)
+    running = folder.parent / f".run.saving-{socket.gethostname()}-{os.getppid()}-abcd1234"
+    running.mkdir()
+    with replacing(folder) as staging:
+        (staging / "weights").write_text("new weights")
+    assert siblings(folder) == [running.name]
+
+
+def test_demo_model_folder_is_replaced_whole(built, tmp_path, monkeypatch):
+    """The demo's model folder: a failure while writing the card keeps the previous folder; a success has weights and card, nothing else."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import demo
+
+    model, processor = built
+    results = {"metrics": {"overall": {"accuracy": 0.5}}, "settings": {"num_questions": 4}}
+    data = SimpleNamespace(max_samples=4, dataset="easy_vqa")
+    stage1 = [None, data, SimpleNamespace(learning_rate=1e-3)]
+    stage2 = [None, data, SimpleNamespace(projector_learning_rate=1e-3), SimpleNamespace(learning_rate=1e-4)]
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "stale.txt").write_text("from an earlier run")
+    demo.save_model_folder(model, processor, target, results, stage1, stage2)
+    assert {"README.md", "model.safetensors", "config.json", "processor_config.json"} <= set(contents(target))
+    assert "stale.txt" not in contents(target) and siblings(target) == []
+    before = contents(target)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ModelCard, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        demo.save_model_folder(model, processor, target, {**results, "settings": {"num_questions": 8}}, stage1, stage2)
+    assert contents(target) == before and siblings(target) == []
+
+
+def test_stage2_output_has_no_trl_card_and_keeps_its_checkpoints(built, tmp_path):
+    """A stage-2 run that saves checkpoints leaves no TRL README.md (a text-generation card of model "None") in its
+    output folder; its checkpoints survive the final save, and the folder loads."""
+    model, processor = built
+    start = tmp_path / "stage1"
+    model.save_pretrained(start)
+    processor.save_pretrained(start)
+    output_dir = tmp_path / "stage2"
+    trainer = run_stage2(start, output_dir, max_samples=8, max_steps=2, save_strategy="steps", save_steps=1)
+
+    assert not (output_dir / "README.md").exists()
+    trainer.create_model_card(model_name="stage2")  # what TRL calls at every checkpoint and in push_to_hub
+    assert not (output_dir / "README.md").exists()
+    assert {"checkpoint-1", "checkpoint-2"} <= {p.name for p in output_dir.iterdir() if p.is_dir()}
+    assert siblings(output_dir) == []
+    VLMForConditionalGeneration.from_pretrained(output_dir)
