@@ -52,12 +52,10 @@ def load_llava_pretrain(
     file and options reads them instead of validating again.
     """
 
-    def build():
-        records, folder = _read_records(path, image_folder)
-        return _validate(records, lambda record, index: _pretrain_row(record, index, folder, decode_images), on_error, _desc(path))
+    def row(record, index, folder):
+        return _pretrain_row(record, index, folder, decode_images)
 
-    key = _file_cache_key(path, image_folder, on_error, decode_images) if cache else None
-    return cached_validation("llava_pretrain", key, CAPTION_FEATURES, build)
+    return _load_rows("llava_pretrain", path, image_folder, CAPTION_FEATURES, row, on_error, decode_images, cache)
 
 
 def _pretrain_row(record, index: int, image_folder, decode_images: bool) -> dict:
@@ -88,12 +86,7 @@ def load_llava_instruct(
         _check_conversation(messages, len(image_paths), sample_id)
         return {"id": sample_id, "images": [image_entry(p, sample_id, decode=decode_images) for p in image_paths], "messages": messages}
 
-    def build():
-        records, folder = _read_records(path, image_folder)
-        return _validate(records, lambda record, index: row(record, index, folder), on_error, _desc(path))
-
-    key = _file_cache_key(path, image_folder, on_error, decode_images) if cache else None
-    return cached_validation("llava_instruct", key, CONVERSATION_FEATURES, build)
+    return _load_rows("llava_instruct", path, image_folder, CONVERSATION_FEATURES, row, on_error, decode_images, cache)
 
 
 def load_conversations(
@@ -111,18 +104,9 @@ def load_conversations(
     as written, special tokens included: training encodes them as plain text, as inference does.
     With `cache=True` a file or a `Dataset` (by its fingerprint) is validated once (`hf_vlm.data.cache`).
     """
-    key = None
-    if isinstance(source, Dataset):
-        if "images" in source.column_names:
-            # Read the stored bytes/paths; decoding every image just to re-encode it is wasted work.
-            source = source.cast_column("images", List(Image(decode=False)))
-        key = {"fingerprint": source._fingerprint}
-    elif isinstance(source, (str, os.PathLike)):
-        key = file_key(source)
-    if key is not None and cache:
-        key |= {"image_folder": image_folder and os.path.abspath(image_folder), "on_error": on_error, "decode_images": decode_images}
-    else:
-        key = None
+    if isinstance(source, Dataset) and "images" in source.column_names:
+        # Read the stored bytes/paths; decoding every image just to re-encode it is wasted work.
+        source = source.cast_column("images", List(Image(decode=False)))
 
     def row(record, index, folder):
         sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
@@ -131,13 +115,7 @@ def load_conversations(
         entries = [image_entry(_resolve(image, folder), sample_id, decode=decode_images) for image in images]
         return {"id": sample_id, "images": entries, "messages": messages}
 
-    def build():
-        records, folder = (source, image_folder)
-        if isinstance(source, (str, os.PathLike)):
-            records, folder = _read_records(source, image_folder)
-        return _validate(records, lambda record, index: row(record, index, folder), on_error, _desc(source))
-
-    return cached_validation("conversations", key, CONVERSATION_FEATURES, build)
+    return _load_rows("conversations", source, image_folder, CONVERSATION_FEATURES, row, on_error, decode_images, cache)
 
 
 def load_captions(source, image_folder=None, *, on_error: str = "raise", decode_images: bool = True, cache: bool = True) -> Dataset:
@@ -147,16 +125,10 @@ def load_captions(source, image_folder=None, *, on_error: str = "raise", decode_
     pushed with `Dataset.push_to_hub`), a list of dicts, or a JSON / JSON Lines file of such rows. Images are
     checked as everywhere (`hf_vlm.data.images`); captions must be non-blank strings and are stripped.
     """
-    key = None
     if isinstance(source, Dataset):
-        missing = {"image", "caption"} - set(source.column_names)
-        if missing:
+        if not {"image", "caption"} <= set(source.column_names):
             raise ValueError(f"Caption rows need 'image' and 'caption' columns; this dataset has {source.column_names}.")
         source = source.cast_column("image", Image(decode=False))
-        key = {"fingerprint": source._fingerprint}
-    elif isinstance(source, (str, os.PathLike)):
-        key = file_key(source)
-    key = key | {"image_folder": image_folder and os.path.abspath(image_folder), "on_error": on_error, "decode_images": decode_images} if key and cache else None
 
     def row(record, index, folder):
         sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
@@ -165,15 +137,10 @@ def load_captions(source, image_folder=None, *, on_error: str = "raise", decode_
         caption = record["caption"]
         if not isinstance(caption, str) or not caption.strip():
             raise BadSampleError(sample_id, "empty_text", f"the caption must be a non-blank string, got {caption!r}")
-        return {"id": sample_id, "image": image_entry(_resolve(record["image"], folder), sample_id, decode=decode_images), "caption": caption.strip()}
+        entry = image_entry(_resolve(record["image"], folder), sample_id, decode=decode_images)
+        return {"id": sample_id, "image": entry, "caption": caption.strip()}
 
-    def build():
-        records, folder = (source, image_folder)
-        if isinstance(source, (str, os.PathLike)):
-            records, folder = _read_records(source, image_folder)
-        return _validate(records, lambda record, index: row(record, index, folder), on_error, _desc(source))
-
-    return cached_validation("captions", key, CAPTION_FEATURES, build)
+    return _load_rows("captions", source, image_folder, CAPTION_FEATURES, row, on_error, decode_images, cache)
 
 
 def first_record(path):
@@ -189,6 +156,28 @@ def first_record(path):
         return json.loads(next(line for line in text.splitlines() if line.strip()))
     except (UnicodeDecodeError, ValueError, StopIteration):
         return None
+
+
+def _load_rows(kind: str, source, image_folder, features, make_row, on_error: str, decode_images: bool, cache: bool) -> Dataset:
+    """Validate the records of `source` (a file, a `Dataset` or a list) with `make_row(record, index, folder)`.
+
+    Files and `Dataset`s are validated once: the result is cached under a key of the source and the options.
+    """
+    key = None
+    if cache and isinstance(source, Dataset):
+        key = {"fingerprint": source._fingerprint}
+    elif cache and isinstance(source, (str, os.PathLike)):
+        key = file_key(source)
+    if key is not None:
+        key |= {"image_folder": image_folder and os.path.abspath(image_folder), "on_error": on_error, "decode_images": decode_images}
+
+    def build():
+        records, folder = source, image_folder
+        if isinstance(source, (str, os.PathLike)):
+            records, folder = _read_records(source, image_folder)
+        return _validate(records, lambda record, index: make_row(record, index, folder), on_error, _desc(source))
+
+    return cached_validation(kind, key, features, build)
 
 
 def _validate(records, make_row, on_error: str, desc: str):
@@ -211,10 +200,6 @@ def _validate(records, make_row, on_error: str, desc: str):
 def _desc(source) -> str:
     name = os.path.basename(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "rows"
     return f"validating {name}"
-
-
-def _file_cache_key(path, image_folder, on_error: str, decode_images: bool) -> dict:
-    return file_key(path) | {"image_folder": image_folder and os.path.abspath(image_folder), "on_error": on_error, "decode_images": decode_images}
 
 
 def _read_records(path, image_folder):
