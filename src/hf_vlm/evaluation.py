@@ -193,7 +193,7 @@ def write_reports(results: dict, dataset, output_dir, num_samples: int = 12) -> 
 
 def plot_accuracy(metrics_by_group: dict, path) -> None:
     """A grouped bar chart, with image vs blind, per group of `vqa_metrics` output, saved as a PNG."""
-    from matplotlib.figure import Figure  # the `eval` extra; a bare Figure renders with Agg, no pyplot state
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg, no pyplot state
 
     names = list(metrics_by_group)
     positions = range(len(names))
@@ -215,7 +215,7 @@ def plot_accuracy(metrics_by_group: dict, path) -> None:
 
 def plot_samples(samples: list[dict], dataset, path, columns: int = 4) -> None:
     """A grid of pictures with question, answer and both predictions (green when the metric scores them 1)."""
-    from matplotlib.figure import Figure  # the `eval` extra; a bare Figure renders with Agg, no pyplot state
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg, no pyplot state
 
     ids = dataset.select(range(len(samples)))["id"]
     if list(ids) != [sample["id"] for sample in samples]:

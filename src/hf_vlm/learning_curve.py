@@ -74,7 +74,7 @@ class LearningCurveCallback(TrainerCallback):
 
 def plot_curves(curves: dict[str, list[dict]], path, title: str = "Accuracy against training samples") -> None:
     """One panel per question type: accuracy (solid) and the blind baseline (dashed) of each named curve."""
-    from matplotlib.figure import Figure  # the `eval` extra; a bare Figure renders with Agg, no pyplot state
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg, no pyplot state
 
     groups = list(next(iter(curves.values()))[0]["metrics"])
     figure = Figure(figsize=(3.2 * len(groups) + 2.5, 3.6), layout="constrained")
