@@ -35,7 +35,7 @@ from trl.trainer.utils import add_fused_lm_head
 from hf_vlm import VLMConfig, VLMForConditionalGeneration, build_vlm
 from hf_vlm.data import CaptionCollator, ConversationCollator, easy_vqa_captions, easy_vqa_conversations
 from hf_vlm.feature_cache import VisionFeatureCache
-from hf_vlm.pretrained_parts import efficientnet_lite0, smollm2_135m_instruct
+from hf_vlm.offline.pretrained_parts import efficientnet_lite0, smollm2_135m_instruct
 from hf_vlm.training import set_trainable
 
 RESULTS = Path(__file__).parent / "results"

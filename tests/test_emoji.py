@@ -1,6 +1,6 @@
 """emoji_captions crops the right sheet cell for each emoji, captions it, and fetches only once.
 
-The download step of `hf_vlm.assets` is replaced by one that builds a tiny npm tarball: an
+The download step of `hf_vlm.offline.assets` is replaced by one that builds a tiny npm tarball: an
 `emoji.json` of three entries and a 2x2-cell sprite sheet laid out like the real one (66 px cells,
 a 64x64 image inside 1 px of transparent padding), each cell one colour, so a crop's colour says
 which cell it came from.
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hf_vlm import assets
-from hf_vlm.assets import AssetFetchError
-from hf_vlm.data import CAPTION_FEATURES, emoji_captions
-from hf_vlm.data.emoji import CAPTION_TEMPLATES, PACKAGE, VERSION, display_name
+from hf_vlm.offline import assets
+from hf_vlm.offline.assets import AssetFetchError
+from hf_vlm.data import CAPTION_FEATURES
+from hf_vlm.offline.emoji import CAPTION_TEMPLATES, PACKAGE, VERSION, display_name, emoji_captions
 
 # Listed out of `sort_order`, so the test sees rows sorted; GHOST has no Google image.
 ENTRIES = [

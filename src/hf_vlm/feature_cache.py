@@ -34,6 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .paths import cache_root
+
 # Part of every key: raise it when what `get_vision_features` computes changes, so old caches are not read.
 CACHE_FORMAT = 1
 SHARD_BYTES = 256 * 2**20  # features held in memory before a shard is written
@@ -43,7 +45,7 @@ _NOT_IN_KEY = ("_name_or_path", "transformers_version", "architectures", "dtype"
 
 def default_cache_dir() -> Path:
     """`$HF_VLM_CACHE/vision_features`, else `~/.cache/hf_vlm/vision_features`."""
-    return Path(os.environ.get("HF_VLM_CACHE") or Path.home() / ".cache" / "hf_vlm").expanduser() / "vision_features"
+    return cache_root() / "vision_features"
 
 
 def image_hash(image: Image.Image) -> str:

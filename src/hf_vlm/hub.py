@@ -23,6 +23,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .modeling import VLMForConditionalGeneration
+from .paths import cache_root
 from .processing import VLMProcessor
 from .saving import scratch_folder
 
@@ -144,7 +145,7 @@ def push(
 
 
 def _push_copies() -> Path:
-    return Path(os.environ.get("HF_VLM_CACHE") or Path.home() / ".cache" / "hf_vlm").expanduser() / "push-tmp"
+    return cache_root() / "push-tmp"
 
 
 @contextmanager

@@ -8,7 +8,6 @@ stage 2 (instruction tuning) on the conversation shape (`CONVERSATION_FEATURES`:
   (yes/no answers not guessable from the wording), `easy_vqa_dialogues`
   (all questions about an image in one conversation), `easy_vqa_captions`
 - rendered scenes with true captions: `synthetic_captions`
-- Google's emoji images with their names (npm `emoji-datasource-google`, cached): `emoji_captions`
 - LLaVA JSON / JSONL with an image folder: `load_llava_pretrain`, `load_llava_instruct`
 - rows already in TRL's (or the_cauldron's) shape: `load_conversations`; in the caption shape: `load_captions`
 
@@ -21,7 +20,6 @@ batches whose loss covers only the answers.
 
 from .collators import CaptionCollator, ConversationCollator, caption_to_conversation
 from .easy_vqa import easy_vqa_balanced, easy_vqa_captions, easy_vqa_conversations, easy_vqa_dialogues
-from .emoji import emoji_captions
 from .images import load_image, to_rgb
 from .llava import load_captions, load_conversations, load_llava_instruct, load_llava_pretrain
 from .schema import (
@@ -48,7 +46,6 @@ __all__ = [
     "easy_vqa_captions",
     "easy_vqa_conversations",
     "easy_vqa_dialogues",
-    "emoji_captions",
     "load_captions",
     "load_conversations",
     "load_image",

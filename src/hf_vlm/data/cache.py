@@ -22,7 +22,7 @@ from pathlib import Path
 
 from datasets import Dataset, Features, Image, List, Value, load_from_disk
 
-from ..assets import cache_root
+from ..paths import cache_root
 from .schema import SampleErrors
 
 VALIDATION_FORMAT = 1  # bump when what a loader checks or stores changes, so old entries are not read

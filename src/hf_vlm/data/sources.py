@@ -42,8 +42,8 @@ def caption_dataset(
             parts.append(easy_vqa_captions(split, seed=seed))
         elif source == "synthetic":
             parts.append(synthetic_captions(max_samples or 1000, seed=seed))
-        elif source == "emoji":
-            from .emoji import emoji_captions
+        elif source == "emoji":  # fetched from npm by the offline asset cache, imported only when named
+            from ..offline.emoji import emoji_captions
 
             parts.append(emoji_captions(seed=seed))
         else:

