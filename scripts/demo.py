@@ -16,7 +16,6 @@
    card, ready for `hf_vlm.hub.push`.
 """
 
-import dataclasses
 import json
 import os
 import time
@@ -74,15 +73,12 @@ class Stopwatch:
 
 
 def stage_arguments(recipe: str, dataclass_types: tuple, output_dir: Path, **overrides) -> list:
-    """Parse a YAML recipe into its dataclasses, then replace the fields named in `overrides` wherever they live."""
-    parsed = list(TrlParser(dataclass_types).parse_yaml_file(recipe))
-    for index, instance in enumerate(parsed):
-        names = {f.name for f in dataclasses.fields(instance)}
-        changes = {k: v for k, v in overrides.items() if k in names}
-        if isinstance(instance, TrainingArguments):
-            changes["output_dir"] = str(output_dir)
-        parsed[index] = dataclasses.replace(instance, **changes) if changes else instance
-    return parsed
+    """Parse a YAML recipe into its script's dataclasses as `--config recipe --name value ...` would on the command
+    line (TrlParser, the scripts' own parser): `overrides` and `output_dir` become flags after the recipe."""
+    flags = ["--config", recipe, "--output_dir", str(output_dir)]
+    for name, value in overrides.items():
+        flags += [f"--{name}", str(value)]
+    return list(TrlParser(dataclass_types).parse_args_and_config(flags))
 
 
 def main(args: DemoArguments) -> dict:
