@@ -37,10 +37,45 @@ def test_two_images_and_uneven_batches(built):
 def test_image_placeholder_mismatch_raises(built):
     """More or fewer images than placeholders raise a ValueError with both counts."""
     _, processor = built
-    with pytest.raises(ValueError, match=r"Got 2 images for 1 <image> placeholders \(per sample: \[1\]\)"):
+    message = r"Got 2 images for 1 <image> placeholders \(per sample: \[1\] placeholders\)"
+    with pytest.raises(ValueError, match=message):
         processor(images=[red(), red()], text="<image> What?")
-    with pytest.raises(ValueError, match="1 <image> tokens in the text but no images"):
+    with pytest.raises(ValueError, match=r"Got 0 images for 1 <image> placeholders"):
         processor(text="<image> What?")
+
+
+def test_nested_images_are_counted_per_image(built):
+    """Images nested per sample count one by one: they expand as flat ones do, and a mismatch names both lists."""
+    _, processor = built
+    texts = ["<image> and <image>: same?", "<image> What is this?"]
+    nested = processor(images=[[red(), red((5, 5))], [red((64, 8))]], text=texts, padding=True, return_tensors="pt")
+    flat = processor(images=[red(), red((5, 5)), red((64, 8))], text=texts, padding=True, return_tensors="pt")
+    assert count_image_tokens(processor, nested["input_ids"]) == [32, 16]
+    assert all(torch.equal(nested[k], flat[k]) for k in flat)
+    message = r"Got 3 images for 2 <image> placeholders \(per sample: \[1, 1\] placeholders, \[2, 1\] images\)"
+    with pytest.raises(ValueError, match=message):
+        processor(images=[[red(), red()], [red()]], text=["<image> a", "<image> b"])
+
+
+@pytest.mark.parametrize("image_seq_length", [None, 0, True, 2.0])
+def test_image_seq_length_is_required(built, image_seq_length):
+    """A processor built without a positive int image_seq_length raises instead of giving one token per image."""
+    _, processor = built
+    with pytest.raises(ValueError, match=rf"image_seq_length must be a positive int.*got {image_seq_length!r}"):
+        VLMProcessor(processor.image_processor, processor.tokenizer, image_seq_length=image_seq_length)
+    with pytest.raises(ValueError, match="image_seq_length must be a positive int"):
+        VLMProcessor(processor.image_processor, processor.tokenizer)
+
+
+def test_num_multimodal_tokens_match_what_the_processor_makes(built):
+    """_get_num_multimodal_tokens (vLLM reads it) gives the image tokens and pixel_values rows made, for any size."""
+    _, processor = built
+    images = [red(), red((5, 5)), red((64, 8))]
+    data = processor._get_num_multimodal_tokens(image_sizes=[(image.height, image.width) for image in images])
+    inputs = processor(images=images, text=["<image>", "<image>", "<image>"], return_tensors="pt")
+    assert data.num_image_tokens == count_image_tokens(processor, inputs["input_ids"]) == [16, 16, 16]
+    assert data.num_image_patches == [1, 1, 1] and sum(data.num_image_patches) == len(inputs["pixel_values"])
+    assert "num_image_tokens" not in processor._get_num_multimodal_tokens()
 
 
 def test_truncation_that_cuts_image_tokens_names_max_length(built):
@@ -94,10 +129,14 @@ def test_typed_placeholder_never_becomes_an_image_slot(built):
     """A literal <image> in message text is encoded as text when sanitizing, and raises otherwise."""
     _, processor = built
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does <image> mean?"}]}]
-    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, processor_kwargs={"images": [red()]})
+    inputs = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, processor_kwargs={"images": [red()]}
+    )
     assert count_image_tokens(processor, inputs["input_ids"]) == [16]
     with pytest.raises(ValueError, match="message 0 has the image placeholder '<image>' typed"):
-        processor.apply_chat_template(messages, tokenize=True, return_assistant_tokens_mask=True, processor_kwargs={"images": [red()]})
+        processor.apply_chat_template(
+            messages, tokenize=True, return_assistant_tokens_mask=True, processor_kwargs={"images": [red()]}
+        )
     with pytest.raises(ValueError, match="typed in its text"):
         processor.apply_chat_template(messages)
 
@@ -107,7 +146,10 @@ def test_make_labels_masks_padding_images_and_prompt():
     ids = torch.tensor([[0, 0, 5, 9, 9, 6, 7, 8], [5, 9, 9, 6, 7, 8, 4, 3]])  # 9 = image token, pad on the left
     attention = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
     assistant = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1, 0, 1]])
-    assert make_labels(ids, attention, 9).tolist() == [[-100, -100, 5, -100, -100, 6, 7, 8], [5, -100, -100, 6, 7, 8, 4, 3]]
+    assert make_labels(ids, attention, 9).tolist() == [
+        [-100, -100, 5, -100, -100, 6, 7, 8],
+        [5, -100, -100, 6, 7, 8, 4, 3],
+    ]
     assert make_labels(ids, attention, 9, assistant).tolist() == [
         [-100, -100, -100, -100, -100, -100, 7, 8],
         [-100, -100, -100, -100, 7, 8, -100, 3],

@@ -1,4 +1,4 @@
-"""Chat templates for VLMs.
+"""Chat templates for VLMs, kept as `.jinja` files beside this module (package data).
 
 An LM's own template usually renders plain-string content only and has no `{% generation %}`
 markers, and neither can be derived from an arbitrary template. These templates render
@@ -7,31 +7,11 @@ token, so the model learns to stop) in `{% generation %}`, which `return_assista
 and TRL's `assistant_only_loss` read.
 """
 
-# ChatML, as SmolLM2 and Qwen2 use it: <|im_start|>role\n...<|im_end|>\n. No default system prompt.
-CHATML = (
-    "{%- for message in messages -%}"
-    r"{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{%- set text = message['content'] -%}"
-    "{%- else -%}"
-    "{%- set text = namespace(value='') -%}"
-    "{%- for block in message['content'] -%}"
-    "{%- if block['type'] == 'image' -%}{%- set text.value = text.value + '<image>' -%}"
-    "{%- elif block['type'] == 'text' -%}{%- set text.value = text.value + block['text'] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set text = text.value -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{% generation %}{{- text + '<|im_end|>' -}}{% endgeneration %}"
-    "{%- else -%}"
-    "{{- text + '<|im_end|>' -}}"
-    "{%- endif -%}"
-    r"{{- '\n' -}}"
-    "{%- endfor -%}"
-    r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
-)
+from importlib.resources import files
 
-CHAT_TEMPLATES = {"chatml": CHATML}
+# name -> template text; `save_pretrained` writes it to the checkpoint's chat_template.jinja.
+CHAT_TEMPLATES = {
+    name: files(__package__).joinpath(f"{name}.jinja").read_text(encoding="utf-8") for name in ("chatml",)
+}
 # The token that closes an assistant turn in each template: generation must stop there.
 END_OF_TURN = {"chatml": "<|im_end|>"}
