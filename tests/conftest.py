@@ -3,6 +3,8 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # A private Hugging Face home and hf_vlm cache for the whole session, set before transformers and evaluate read
@@ -20,6 +22,7 @@ os.environ.update(
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig, TimmWrapperConfig
 
 from hf_vlm import VLMConfig, VLMForConditionalGeneration  # noqa: E402
@@ -76,6 +79,41 @@ try:
 except ImportError:
     pass
 """
+
+_REMOTE_CHECK = WITHOUT_HF_VLM + """
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+location, expected_file = sys.argv[1:3]
+expected = torch.load(expected_file)
+model = AutoModelForImageTextToText.from_pretrained(location, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(location, trust_remote_code=True)
+inputs = processor(images=[Image.new("RGB", (9, 9), "blue")], text="<image> What?", return_tensors="pt")
+assert all(torch.equal(inputs[k], expected["inputs"][k]) for k in expected["inputs"]), "processor outputs differ"
+with torch.no_grad():
+    logits = model(**inputs).logits
+assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+print(type(model).__module__, type(processor).__name__)
+"""
+
+
+def check_remote_code(location, model, processor, workdir, env, then: str = "", args=()) -> list[str]:
+    """Load `location` (a folder or Hub repo) with trust_remote_code in a process where `import hf_vlm` fails.
+
+    Asserts that its processor outputs and logits equal those of `processor` and `model`, then runs the script
+    `then` (which sees `location`, `model`, `processor` and `sys.argv[3:] == args`) in the same process. Returns
+    its stdout lines; the first is the loaded model's module and the processor's class name.
+    """
+    inputs = processor(images=[Image.new("RGB", (9, 9), "blue")], text="<image> What?", return_tensors="pt")
+    with torch.no_grad():
+        torch.save({"inputs": dict(inputs), "logits": model(**inputs).logits}, f"{workdir}/expected.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", _REMOTE_CHECK + then, str(location), f"{workdir}/expected.pt", *map(str, args)],
+        capture_output=True, text=True, env=env, cwd=workdir, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.splitlines()
 
 CORPUS = ["What is in the image? A red circle. Two blue squares. Is there a green triangle? yes no", "user assistant system"]
 

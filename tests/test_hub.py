@@ -15,15 +15,17 @@ from pathlib import Path
 import huggingface_hub.constants
 import numpy as np
 import pytest
-from conftest import WITHOUT_HF_VLM
+from conftest import check_remote_code
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Features, List, Value
+from datasets import Image as ImageFeature
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from PIL import Image
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from hf_vlm import VLMForConditionalGeneration, VLMModel, VLMProcessor
 from hf_vlm.data import CAPTION_FEATURES, CONVERSATION_FEATURES
+from hf_vlm.data.sources import caption_dataset, conversation_dataset
 from hf_vlm.hub import model_card, push
 
 REPO = "user/tiny-vlm"
@@ -48,26 +50,6 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[name], sb[name]), name
 
 
-REMOTE_SCRIPT = WITHOUT_HF_VLM + """
-import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-repo, expected_file, snippet_file = sys.argv[1:]
-expected = torch.load(expected_file)
-model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
-processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
-inputs = processor(images=[Image.new("RGB", (9, 9), "blue")], text="<image> What?", return_tensors="pt")
-assert all(torch.equal(inputs[k], expected["inputs"][k]) for k in expected["inputs"]), "processor outputs differ"
-with torch.no_grad():
-    logits = model(**inputs).logits
-assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
-print(type(model).__module__, type(processor).__name__)
-exec(open(snippet_file).read(), {})  # the model card's usage snippet, as written
-print("snippet ran")
-"""
-
-
 def test_pushed_repo_loads_without_hf_vlm_and_card_snippet_runs(hub, built, tmp_path):
     """In a process where `import hf_vlm` fails, the pushed repo loads with equal logits and the card's snippet runs."""
     model, processor = built
@@ -75,9 +57,6 @@ def test_pushed_repo_loads_without_hf_vlm_and_card_snippet_runs(hub, built, tmp_
     assert [m for m, path, _ in hub.server.log if m == "POST" and "/commit/" in path] == ["POST"]  # one commit
     files = {f.rfilename for f in HfApi().repo_info(REPO).siblings}
     assert {"README.md", "model.safetensors", "processor_config.json", "chat_template.jinja"} | SHIPPED_CODE <= files
-    inputs = processor(images=[Image.new("RGB", (9, 9), "blue")], text="<image> What?", return_tensors="pt")
-    with torch.no_grad():
-        torch.save({"inputs": dict(inputs), "logits": model(**inputs).logits}, tmp_path / "expected.pt")
     snippets = re.findall(r"```python\n(.*?)```", ModelCard.load(REPO).text, re.S)
     assert len(snippets) == 1 and f'from_pretrained("{REPO}", trust_remote_code=True)' in snippets[0]
     assert ".generate(" in snippets[0]
@@ -85,14 +64,10 @@ def test_pushed_repo_loads_without_hf_vlm_and_card_snippet_runs(hub, built, tmp_
 
     # A fresh download cache, so everything comes over HTTP from the loopback Hub.
     env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "fresh_cache"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), REPO, str(tmp_path / "expected.pt"),
-         str(tmp_path / "snippet.py")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()  # our check's line, the snippet's answer (random text), our marker
-    assert lines[-1] == "snippet ran"
+    # The model card's usage snippet, as written.
+    then = 'exec(open(sys.argv[3]).read(), {})\nprint("snippet ran")\n'
+    lines = check_remote_code(REPO, model, processor, tmp_path, env, then, args=[tmp_path / "snippet.py"])
+    assert lines[-1] == "snippet ran"  # after our check's line and the snippet's answer (random text)
     module, processor_name = lines[0].split()
     assert module.startswith("transformers_modules.") and processor_name == "VLMProcessor"
 
@@ -254,37 +229,48 @@ def same_pixels(a: Image.Image, b: Image.Image) -> bool:
     return np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b))
 
 
-def test_caption_dataset_push_then_load_dataset(hub):
-    """A caption-shape dataset (stage 1) comes back from the Hub with the same features, captions and pixels."""
+def test_caption_dataset_takes_a_hub_id_and_validates_it(hub):
+    """caption_dataset of a pushed repo id validates as stage 1 does: same pixels, stripped captions, blanks raise."""
     images = tiny_images(3)
-    captions = ["A red circle.", "Two blue squares.", "A green triangle."]
+    captions = [" A red circle.", "Two blue squares.\n", "A green triangle."]
     rows = {"id": ["a", "b", "c"], "image": images, "caption": captions}
     Dataset.from_dict(rows, features=CAPTION_FEATURES).push_to_hub("user/tiny-captions")
 
-    loaded = load_dataset("user/tiny-captions", split="train")
+    loaded = caption_dataset("user/tiny-captions")
     assert loaded.features == CAPTION_FEATURES
-    assert loaded["id"] == rows["id"] and loaded["caption"] == rows["caption"]
-    assert all(same_pixels(got, sent) for got, sent in zip(loaded["image"], images, strict=True))
+    by_id = {row["id"]: row for row in loaded}  # caption_dataset shuffles
+    assert [by_id[i]["caption"] for i in rows["id"]] == ["A red circle.", "Two blue squares.", "A green triangle."]
+    assert all(same_pixels(by_id[i]["image"], image) for i, image in zip(rows["id"], images, strict=True))
+
+    rows["caption"][1] = " "
+    Dataset.from_dict(rows, features=CAPTION_FEATURES).push_to_hub("user/blank-captions")
+    with pytest.raises(ValueError, match="sample 'b': empty_text"):
+        caption_dataset("user/blank-captions")
 
 
-def test_conversation_dataset_push_then_load_dataset(hub):
-    """A conversation-shape dataset (stage 2: image lists, message structs) comes back unchanged."""
+def test_conversation_dataset_reads_trl_rows_from_a_hub_id(hub):
+    """conversation_dataset of a pushed repo of TRL rows (string content) gives image blocks and the same pixels."""
     images = tiny_images(3)
-    question = {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "What colour?"}]}
     rows = {
         "id": ["q0", "q1"],
         "images": [images[:1], images[1:]],
         "messages": [
-            [question, {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
-            [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "image", "text": None},
-                                          {"type": "text", "text": "Same shape?"}]},
-             {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}],
+            [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "red"}],
+            [{"role": "user", "content": "Same shape?"}, {"role": "assistant", "content": "yes"}],
         ],
     }
-    Dataset.from_dict(rows, features=CONVERSATION_FEATURES).push_to_hub("user/tiny-conversations")
+    trl_messages = List({"role": Value("string"), "content": Value("string")})
+    features = Features({"id": Value("string"), "images": List(ImageFeature()), "messages": trl_messages})
+    Dataset.from_dict(rows, features=features).push_to_hub("user/trl-conversations")
 
-    loaded = load_dataset("user/tiny-conversations", split="train")
-    assert loaded.features == CONVERSATION_FEATURES
-    assert loaded["id"] == rows["id"] and loaded["messages"] == rows["messages"]
-    assert [len(row) for row in loaded["images"]] == [1, 2]
-    assert all(same_pixels(got, sent) for got, sent in zip(sum(loaded["images"], []), images, strict=True))
+    loaded = conversation_dataset("user/trl-conversations")
+    assert loaded.features == Features({**CONVERSATION_FEATURES, "length": Value("int64")})
+    by_id = {row["id"]: row for row in loaded}  # conversation_dataset shuffles
+    image, text = {"type": "image", "text": None}, lambda words: {"type": "text", "text": words}
+    assert by_id["q1"]["messages"] == [
+        {"role": "user", "content": [image, image, text("Same shape?")]},
+        {"role": "assistant", "content": [text("yes")]},
+    ]
+    assert by_id["q0"]["messages"][0]["content"] == [image, text("What colour?")]
+    got = by_id["q0"]["images"] + by_id["q1"]["images"]
+    assert all(same_pixels(a, b) for a, b in zip(got, images, strict=True))
