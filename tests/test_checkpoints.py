@@ -52,7 +52,7 @@ def test_a_trainer_checkpoint_is_complete_and_each_cut_or_missing_file_is_named(
     """Trainer's own checkpoint passes; cutting any file but code in half, or deleting a required one, fails naming
     that file; the other files (config, training_args.bin) may be absent."""
     assert checkpoint_problems(checkpoint) == []
-    checked = sorted(path.name for path in checkpoint.iterdir() if path.suffix != ".py")
+    checked = sorted(path.name for path in checkpoint.iterdir() if path.suffix not in (".py", ".jinja"))  # code, templates
     assert REQUIRED <= set(checked), checked
     for name in checked:
         damaged = Path(shutil.copytree(checkpoint, tmp_path / f"cut-{name}"))
@@ -130,3 +130,12 @@ def test_true_without_a_complete_checkpoint_raises(checkpoint, tmp_path):
         checkpoint_to_resume(args(output_dir, True))
     with pytest.raises(ValueError, match="no complete checkpoint-N folder"):
         checkpoint_to_resume(args(tmp_path / "empty", "last"))
+
+
+def test_every_rank_needs_its_own_rng_state(checkpoint, tmp_path):
+    """Under DDP each process writes rng_state_<rank>.pth; a checkpoint missing one rank's is not complete."""
+    ddp = Path(shutil.copytree(checkpoint, tmp_path / "checkpoint-1"))
+    (ddp / "rng_state.pth").rename(ddp / "rng_state_0.pth")
+    assert checkpoint_problems(ddp, world_size=2) == ["rng_state_1.pth is missing"]
+    shutil.copy(ddp / "rng_state_0.pth", ddp / "rng_state_1.pth")
+    assert checkpoint_problems(ddp, world_size=2) == []

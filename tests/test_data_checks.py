@@ -317,3 +317,55 @@ def test_stage1_with_on_error_skip_trains_on_the_rest_and_names_both_drops(backb
     ]
     assert "training on 6 captions" in capsys.readouterr().out
     assert trainer.state.global_step == 2 and len(trainer.train_dataset) == 6
+
+
+def counting_image_entry(monkeypatch) -> list:
+    calls = []
+    image_entry = llava.image_entry
+    monkeypatch.setattr(llava, "image_entry", lambda *a, **k: calls.append(1) or image_entry(*a, **k))
+    return calls
+
+
+def test_a_changed_or_vanished_image_file_validates_again(folder, monkeypatch):
+    """The cache keeps each referenced file's size and mtime: replacing an image validates again, and a deleted
+    one is then reported by sample id at load time, not by a bare FileNotFoundError at step N."""
+    calls = counting_image_entry(monkeypatch)
+    Image.new("RGB", (12, 12), "blue").save(folder / "b.png")
+    path = write_rows(folder / "d.json", [trl_row("keeps"), trl_row("loses", image="b.png")])
+    load_conversations(path)
+    load_conversations(path)
+    assert len(calls) == 2
+    Image.new("RGB", (20, 20), "green").save(folder / "b.png")
+    assert load_conversations(path)[1]["images"][0].size == (20, 20)
+    assert len(calls) == 4
+    (folder / "b.png").unlink()
+    with pytest.raises(BadSampleError, match="'loses': missing_image"):
+        load_conversations(path)
+
+
+def test_reading_an_entry_writes_nothing_into_the_cache(folder):
+    """Reading a cached List(Image) entry relabels its columns; it writes no copy of them (no cache-*.arrow)."""
+    from hf_vlm.data.cache import data_cache_dir
+
+    path = write_rows(folder / "d.json", [trl_row("a"), trl_row("b")])
+    load_conversations(path)
+    before = sorted(p.name for p in (data_cache_dir() / "validated").rglob("*"))
+    dataset = load_conversations(path)
+    assert dataset.features == CONVERSATION_FEATURES and dataset[1]["images"][0].size == (12, 12)
+    assert sorted(p.name for p in (data_cache_dir() / "validated").rglob("*")) == before
+
+
+def test_other_ranks_raise_the_main_ranks_failure_without_validating(folder, monkeypatch):
+    """Under a launcher the main rank validates first; when it fails, the others raise its error at once."""
+    calls = counting_image_entry(monkeypatch)
+    path = write_rows(folder / "d.json", [trl_row("fine"), trl_row("broken", image="gone.png")])
+    with pytest.raises(BadSampleError, match="'broken': missing_image"):
+        load_conversations(path)
+    assert len(calls) == 2
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(BadSampleError, match="'broken': missing_image"):
+        load_conversations(path)
+    assert len(calls) == 2
+    monkeypatch.setenv("LOCAL_RANK", "0")  # a new run's main rank checks again (the image may be back)
+    Image.new("RGB", (12, 12)).save(folder / "gone.png")
+    assert load_conversations(path)["id"] == ["fine", "broken"]

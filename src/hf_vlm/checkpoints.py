@@ -46,13 +46,19 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
-def checkpoint_problems(folder: str | Path, save_only_model: bool = False) -> list[str]:
-    """What keeps `folder` from being resumed: missing parts and unreadable files; empty when it is complete."""
+def checkpoint_problems(folder: str | Path, save_only_model: bool = False, world_size: int = 1) -> list[str]:
+    """What keeps `folder` from being resumed: missing parts and unreadable files; empty when it is complete.
+
+    With `world_size > 1` every process's RNG state (`rng_state_<rank>.pth`, as Trainer writes them) must be there:
+    a rank that resumed without its own would not continue exactly.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return [f"{folder} is not a folder"]
     required = ONLY_MODEL_PARTS if save_only_model else PARTS
     problems = [f"{PARTS[part][0]} is missing" for part in required if not any(any(folder.glob(name)) for name in PARTS[part])]
+    if world_size > 1 and not save_only_model:
+        problems += [f"rng_state_{rank}.pth is missing" for rank in range(world_size) if not (folder / f"rng_state_{rank}.pth").is_file()]
     index = folder / "model.safetensors.index.json"
     if index.is_file() and not _unreadable(index):
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
@@ -75,7 +81,7 @@ def checkpoint_to_resume(args) -> str | None:
     try:
         wanted = text.lower() == "last" or string_to_bool(text)  # true/false/yes/no/1/0, as HfArgumentParser reads flags
     except ArgumentTypeError:  # not a boolean: a path
-        problems = checkpoint_problems(text, args.save_only_model)
+        problems = checkpoint_problems(text, args.save_only_model, args.world_size)
         if problems:
             raise ValueError(
                 f"--resume_from_checkpoint {text} is not a complete checkpoint: {'; '.join(problems)}. A run killed while "
@@ -87,7 +93,7 @@ def checkpoint_to_resume(args) -> str | None:
 
     skipped = []
     for folder in reversed(sort_checkpoints(args.output_dir)):  # newest first
-        problems = checkpoint_problems(folder, args.save_only_model)
+        problems = checkpoint_problems(folder, args.save_only_model, args.world_size)
         if not problems:
             if skipped and args.process_index == 0:
                 print(f"--resume_from_checkpoint {text}: resuming from {folder}, skipping incomplete " + "; ".join(skipped), flush=True)

@@ -143,19 +143,27 @@ def load_captions(source, image_folder=None, *, on_error: str = "raise", decode_
     return _load_rows("captions", source, image_folder, CAPTION_FEATURES, row, on_error, decode_images, cache)
 
 
-def first_record(path):
-    """The first record of a JSON list or JSON Lines data file, read without parsing the rest (None if unreadable).
+def first_record(path, prefix_bytes: int = 1 << 20):
+    """The first record of a JSON list or JSON Lines data file (None if unreadable), read from its first MiB when
+    the record fits there, so that telling formats apart does not read a large file twice.
 
     Tells the formats apart before choosing a loader; the loader reports what is wrong with an unreadable file.
     """
-    try:
-        text = open(path, "rb").read().decode("utf-8-sig").lstrip()
-        if text.startswith("["):
-            start = len(text) - len(text[1:].lstrip())
-            return json.JSONDecoder().raw_decode(text, start)[0]
-        return json.loads(next(line for line in text.splitlines() if line.strip()))
-    except (UnicodeDecodeError, ValueError, StopIteration):
-        return None
+    with open(path, "rb") as file:
+        head = file.read(prefix_bytes)
+        whole = len(head) < prefix_bytes
+    for attempt in range(2):
+        try:
+            text = head.decode("utf-8-sig").lstrip()
+            if text.startswith("["):
+                start = len(text) - len(text[1:].lstrip())
+                return json.JSONDecoder().raw_decode(text, start)[0]
+            return json.loads(text.splitlines()[0])  # a line cut by the prefix fails, and is read whole below
+        except (UnicodeDecodeError, ValueError, IndexError):
+            if whole or attempt:
+                return None
+            head, whole = open(path, "rb").read(), True  # the first record is longer than the prefix
+    return None
 
 
 def _load_rows(kind: str, source, image_folder, features, make_row, on_error: str, decode_images: bool, cache: bool) -> Dataset:
