@@ -76,9 +76,9 @@ def test_missing_local_folder_says_no_such_folder(backbones, tmp_path, monkeypat
 
 
 def test_name_that_could_be_a_hub_id_says_no_such_folder_too(monkeypatch, tmp_path):
-    """`runs/stage1x` could be a Hub repo, so the Hub is asked; its failure still says that no such folder exists."""
+    """`runs/stage1x` could be a Hub repo, so the Hub is asked; its failure still says that it is no local folder."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(OSError, match="model_name_or_path: no such folder: runs/stage1x, and loading it as a Hub id failed"):
+    with pytest.raises(OSError, match="model_name_or_path='runs/stage1x' is not a local folder, and the Hub could not provide it"):
         load_vlm(ModelArguments(model_name_or_path="runs/stage1x"))
 
 

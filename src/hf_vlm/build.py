@@ -94,7 +94,8 @@ def _loading_from(name: str, argument: str):
 
     A name that can only be a path (huggingface_hub's repo-id rules reject `/abs`, `./x`, `~/x`, `a/b/c`) and does
     not exist fails here, before any Hub lookup whose error would speak of connections. A name that could be
-    either (`runs/stage1`) goes to the Hub, and its failure says that no such folder exists either.
+    either (`runs/stage1`, `google/siglip-base-patch16-224`) goes to the Hub, and its failure says that it is not
+    a local folder either.
     """
     if not os.path.exists(name):
         try:
@@ -106,7 +107,7 @@ def _loading_from(name: str, argument: str):
     except OSError as error:
         if os.path.exists(name):
             raise
-        raise OSError(f"{argument}: no such folder: {name}, and loading it as a Hub id failed: {error}") from error
+        raise OSError(f"{argument}={name!r} is not a local folder, and the Hub could not provide it: {error}") from error
 
 
 def _stop_at_end_of_turn(generation_config, tokenizer, end_token: str | None) -> None:
