@@ -4,6 +4,7 @@ the next save removes what a killed one left (hf_vlm.saving.replacing, used by s
 import copy
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,8 @@ from test_training import SCRIPTS, run_stage2
 from transformers import Trainer, TrainingArguments
 
 from hf_vlm import VLMForConditionalGeneration
-from hf_vlm.saving import recover, replacing
+from hf_vlm import saving
+from hf_vlm.saving import recover, replacing, scratch_folder
 from hf_vlm.training import save_run
 
 
@@ -49,7 +51,7 @@ def old_folder(root: Path) -> Path:
 
 
 def test_replacing_swaps_in_the_new_files_and_keeps_subfolders(tmp_path):
-    """The folder's files become those written in the block (a stale card goes); its subfolders stay; nothing is left beside it."""
+    """The files written in the block replace the old ones (a stale card goes); subfolders stay; nothing is left beside it."""
     folder = old_folder(tmp_path)
     folder.chmod(0o750)
     with replacing(folder) as staging:
@@ -178,20 +180,190 @@ def test_a_kill_during_the_swap_is_repaired_by_the_next_save(tmp_path, kill_at):
     assert set(contents(folder)) == {"weights", "checkpoint-1/state", "checkpoint-2/state"} and siblings(folder) == []
 
 
-def test_leftovers_of_live_processes_are_left_alone(tmp_path):
-    """A staging folder named after a running process (a save in progress elsewhere) survives another save."""
-    import socket
-
+def test_replacing_carries_over_the_users_files_and_drops_stale_model_files(tmp_path):
+    """What the old folder has beyond a model save (notes, train_results.json, symlinks) stays; its stale shards,
+    index, remote code and card go; a file the block wrote wins over the old one."""
     folder = old_folder(tmp_path)
-    running = folder.parent / f".run.saving-{socket.gethostname()}-{os.getppid()}-abcd1234"
-    running.mkdir()
+    (tmp_path / "disk").mkdir()
+    (folder / "data").symlink_to(tmp_path / "disk")
+    (folder / "latest").symlink_to("checkpoint-2")
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "train_results.json").write_text("{}")
+    (folder / "config.json").write_text("old config")
+    for stale in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                  "old_projector.py", "tokenizer.json", "loss.png"]:
+        (folder / stale).write_text("stale")
+    with replacing(folder) as staging:
+        (staging / "model.safetensors").write_text("new weights")
+        (staging / "config.json").write_text("new config")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint-1", "checkpoint-2", "config.json", "data", "latest", "model.safetensors", "notes.txt", "train_results.json",
+        "weights"]  # `weights` is no model file's name: it is the user's
+    assert (folder / "data").is_symlink() and (folder / "data").resolve() == tmp_path / "disk"
+    assert (folder / "latest").is_symlink() and (folder / "latest" / "state").read_text() == "step 2"
+    assert (folder / "notes.txt").read_text() == "my notes" and (folder / "config.json").read_text() == "new config"
+    assert siblings(folder) == []
+
+
+def test_the_working_directory_is_written_in_place_with_a_warning(tmp_path, monkeypatch):
+    """`--output_dir .`: the folder is not renamed away (the working directory stays valid); the save warns it is not atomic."""
+    folder = old_folder(tmp_path)
+    monkeypatch.chdir(folder)
+    with pytest.warns(UserWarning, match="not atomically, because it holds the working directory"):
+        with replacing(".") as target:
+            assert target == folder
+            (target / "weights").write_text("new weights")
+    assert Path(os.getcwd()) == folder and os.path.samefile(".", folder)
+    assert (folder / "weights").read_text() == "new weights" and (folder / "checkpoint-1" / "state").exists()
+    assert siblings(folder) == []
+
+
+def test_a_mount_point_is_written_in_place_with_a_warning(tmp_path, monkeypatch):
+    """A mount point (a Docker bind mount, which rename refuses with EBUSY) is written in place, with a warning."""
+    folder = old_folder(tmp_path)
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == folder or real_ismount(path))
+    with pytest.warns(UserWarning, match="it is a mount point"):
+        with replacing(folder) as target:
+            (target / "weights").write_text("new weights")
+    assert target == folder and (folder / "weights").read_text() == "new weights" and siblings(folder) == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write to any folder")
+def test_a_folder_whose_parent_is_not_writable_is_written_in_place_with_a_warning(tmp_path):
+    """A parent the user cannot write to, where no sibling can be made, gets a warning and an in-place save."""
+    folder = old_folder(tmp_path / "parent")
+    folder.parent.chmod(0o555)
+    try:
+        with pytest.warns(UserWarning, match="is not writable"):
+            with replacing(folder) as target:
+                (target / "weights").write_text("new weights")
+    finally:
+        folder.parent.chmod(0o755)
+    assert target == folder and (folder / "weights").read_text() == "new weights" and siblings(folder) == []
+
+
+def test_the_swap_is_refused_exactly_where_renaming_would_break(tmp_path, monkeypatch):
+    """The decision itself, root or not: a plain folder is swapped; the working directory, a folder above it and a
+    folder whose parent the user cannot write to (os.access as a non-root user sees it) are not."""
+    folder = old_folder(tmp_path)
+    assert saving._cannot_swap(folder) is None
+    monkeypatch.chdir(folder / "checkpoint-1")
+    assert saving._cannot_swap(folder) == saving._cannot_swap(folder / "checkpoint-1") == "it holds the working directory"
+    monkeypatch.chdir(tmp_path.parent)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path and real_access(path, mode))
+    assert saving._cannot_swap(folder) == f"its parent {tmp_path} is not writable"
+
+
+needs_flock = pytest.mark.skipif(saving.fcntl is None, reason="no fcntl: leftovers are known by host and pid only")
+
+HOLDS_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+@needs_flock
+def test_leftovers_whose_lock_no_process_holds_are_removed_whatever_their_host(tmp_path):
+    """Leftovers named after another host (a Docker container's random hostname) or a pid now reused are removed
+    when no process holds their lock: staging and old folders beside a model folder, copies under a scratch parent."""
+    folder = old_folder(tmp_path)
+    for name in [".run.saving-3f2a9c1d7e6b-1-abcd1234", f".run.saving-{socket.gethostname()}-{os.getpid()}-abcd1234"]:
+        (folder.parent / name).mkdir()
+        (folder.parent / name / "model.safetensors").write_text("half")
+    (folder.parent / ".run.old-3f2a9c1d7e6b-1-abcd1234" / "checkpoint-0").mkdir(parents=True)
     with replacing(folder) as staging:
         (staging / "weights").write_text("new weights")
-    assert siblings(folder) == [running.name]
+    assert siblings(folder) == [] and (folder / "checkpoint-0").is_dir()  # the old folder's subfolder was carried over
+
+    parent = tmp_path / "scratch"
+    (parent / "3f2a9c1d7e6b-1-abcd1234").mkdir(parents=True)
+    with scratch_folder(parent) as copy_folder:
+        assert sorted(parent.iterdir()) == [copy_folder]
+    assert list(parent.iterdir()) == []
+
+
+@needs_flock
+def test_leftovers_whose_lock_a_live_process_holds_are_left_alone(tmp_path):
+    """A staging folder or scratch copy locked by a running process (a save elsewhere, another host's name) survives
+    another save; once that process has ended, the next save removes it."""
+    folder = old_folder(tmp_path)
+    running = folder.parent / ".run.saving-3f2a9c1d7e6b-1-abcd1234"
+    copy_in_use = tmp_path / "scratch" / "3f2a9c1d7e6b-1-abcd1234"
+    for path in [running, copy_in_use]:
+        path.mkdir(parents=True)
+    holders = [subprocess.Popen([sys.executable, "-c", HOLDS_LOCK, str(path)], stdout=subprocess.PIPE, text=True)
+               for path in [running, copy_in_use]]
+    try:
+        assert [holder.stdout.readline() for holder in holders] == ["locked\n", "locked\n"]
+        with replacing(folder) as staging:
+            (staging / "weights").write_text("new weights")
+        with scratch_folder(tmp_path / "scratch"):
+            pass
+        assert siblings(folder) == [running.name] and copy_in_use.is_dir()
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    recover(folder)
+    with scratch_folder(tmp_path / "scratch"):
+        pass
+    assert siblings(folder) == [] and list((tmp_path / "scratch").iterdir()) == []
+
+
+TRIES_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free")
+except BlockingIOError:
+    print("held")
+"""
+
+
+@needs_flock
+def test_the_old_and_the_new_folder_stay_locked_through_the_swap(tmp_path, monkeypatch):
+    """Right after each of the swap's renames another process finds the folder just renamed (`.old-...`, then the
+    new one) locked, so a save starting meanwhile cannot take it for a leftover; afterwards the folder is free."""
+    folder = old_folder(tmp_path)
+    seen, real_replace = [], os.replace
+
+    def replace(source, destination):
+        real_replace(source, destination)
+        if len(seen) < 2:
+            seen.append((Path(destination).name.split("-")[0], run(TRIES_LOCK, destination).stdout.strip()))
+
+    monkeypatch.setattr(os, "replace", replace)
+    with replacing(folder) as staging:
+        (staging / "weights").write_text("new weights")
+    assert seen == [(".run.old", "held"), ("run", "held")]
+    assert run(TRIES_LOCK, folder).stdout.strip() == "free"
+
+
+def test_without_locks_leftovers_are_known_by_host_and_pid(tmp_path, monkeypatch):
+    """Where locks are unavailable (Windows, NFS), a leftover of this host whose process has ended goes; one of a
+    running process, or of another host, stays."""
+    monkeypatch.setattr(saving, "fcntl", None)
+    folder = old_folder(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = {state: f".run.saving-{host}-{pid}-abcd1234" for state, host, pid in [
+        ("dead", socket.gethostname(), int(dead.stdout)), ("running", socket.gethostname(), os.getppid()),
+        ("elsewhere", "3f2a9c1d7e6b", int(dead.stdout))]}
+    for name in names.values():
+        (folder.parent / name).mkdir()
+    with replacing(folder) as staging:
+        (staging / "weights").write_text("new weights")
+    assert siblings(folder) == sorted([names["running"], names["elsewhere"]])
 
 
 def test_demo_model_folder_is_replaced_whole(built, tmp_path, monkeypatch):
-    """The demo's model folder: a failure while writing the card keeps the previous folder; a success has weights and card, nothing else."""
+    """The demo's model folder: a failure while writing the card keeps the previous folder; a success has weights and
+    card, keeps the user's file and drops an old shard."""
     monkeypatch.syspath_prepend(str(SCRIPTS))
     import demo
 
@@ -202,10 +374,11 @@ def test_demo_model_folder_is_replaced_whole(built, tmp_path, monkeypatch):
     stage2 = [None, data, SimpleNamespace(projector_learning_rate=1e-3), SimpleNamespace(learning_rate=1e-4)]
     target = tmp_path / "model"
     target.mkdir()
-    (target / "stale.txt").write_text("from an earlier run")
+    (target / "notes.txt").write_text("the user's")
+    (target / "model-00001-of-00002.safetensors").write_text("from an earlier run")
     demo.save_model_folder(model, processor, target, results, stage1, stage2)
-    assert {"README.md", "model.safetensors", "config.json", "processor_config.json"} <= set(contents(target))
-    assert "stale.txt" not in contents(target) and siblings(target) == []
+    assert {"README.md", "model.safetensors", "config.json", "processor_config.json", "notes.txt"} <= set(contents(target))
+    assert "model-00001-of-00002.safetensors" not in contents(target) and siblings(target) == []
     before = contents(target)
 
     def fail(*args, **kwargs):
