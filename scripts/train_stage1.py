@@ -1,8 +1,8 @@
 """Stage 1, feature alignment: train the projector on image-caption pairs; vision tower and LM frozen.
 
-Loss falls on the caption only (hf_vlm.data.CaptionCollator). Driven by a plain transformers Trainer. The frozen
-tower encodes each image once into a disk cache (`--cache_vision_features false` turns that off), which stage 2
-and later runs reuse.
+Loss falls on the caption only (hf_vlm.data.CaptionCollator). Driven by transformers' Trainer (hf_vlm's
+`VLMTrainer`). The frozen tower encodes each image once into a disk cache (`--cache_vision_features false` turns that
+off), which stage 2 and later runs reuse.
 
     python scripts/train_stage1.py --config scripts/configs/stage1_offline.yaml
     torchrun --nproc_per_node 2 scripts/train_stage1.py --config scripts/configs/stage1_offline.yaml
@@ -13,7 +13,7 @@ Add `--resume_from_checkpoint <output_dir>/checkpoint-N` (or `true` for the newe
 
 from dataclasses import dataclass, field
 
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from trl import TrlParser
 
 from hf_vlm.build import ModelArguments, load_vlm
@@ -22,44 +22,76 @@ from hf_vlm.data.collators import DEFAULT_CAPTION_PROMPT, CaptionCollator
 from hf_vlm.data.sources import caption_dataset
 from hf_vlm.data.token_checks import check_token_lengths
 from hf_vlm.feature_cache import prepare_feature_cache
-from hf_vlm.training import save_run, set_trainable
+from hf_vlm.training import VLMTrainer, set_trainable
 
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="easy_vqa", metadata={"help": "Comma-separated caption sources: names, JSON/JSONL files, dataset folders or Hub ids (hf_vlm.data.sources)."})
-    image_folder: str | None = field(default=None, metadata={"help": "Folder that relative image paths in a data file start from."})
-    on_error: str = field(default="raise", metadata={"help": "A bad sample (image, format, too long for max_length): 'raise' names it, 'skip' drops it with a count.", "choices": ["raise", "skip"]})
+    dataset: str = field(
+        default="easy_vqa",
+        metadata={
+            "help": "Comma-separated caption sources: names, JSON/JSONL files, dataset folders or Hub ids "
+            "(hf_vlm.data.sources)."
+        },
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder that relative image paths in a data file start from."}
+    )
+    on_error: str = field(
+        default="raise",
+        metadata={
+            "help": "A bad sample (image, format, too long for max_length): 'raise' names it, "
+            "'skip' drops it with a count.",
+            "choices": ["raise", "skip"],
+        },
+    )
     max_samples: int | None = field(default=None, metadata={"help": "Train on this many captions at most."})
     prompt: str = field(default=DEFAULT_CAPTION_PROMPT, metadata={"help": "The user turn before each caption."})
     max_length: int | None = field(default=None, metadata={"help": "Truncate longer samples."})
 
 
-def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Trainer:
+def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> VLMTrainer:
     # Model: only the projector trains.
     set_seed(training_args.seed)  # the new projector's initial weights depend on it too
     model, processor = load_vlm(model_args)
-    print("trainable parameters:", set_trainable(model, vision=False, projector=True, language=False))
+    counts = set_trainable(model, vision=False, projector=True, language=False)
+    if training_args.process_index == 0:
+        print("trainable parameters:", counts)
 
     # Dataset: captions, validated once (cached) and checked against max_length before step 1; the collator renders
     # them as chat turns and keeps the raw columns it needs.
     with training_args.main_process_first(desc="dataset validation"):
-        dataset = caption_dataset(data_args.dataset, max_samples=data_args.max_samples, seed=training_args.seed, image_folder=data_args.image_folder, on_error=data_args.on_error)
-        dataset = check_token_lengths(dataset, processor, data_args.max_length, on_error=data_args.on_error, caption_prompt=data_args.prompt)
+        dataset = caption_dataset(
+            data_args.dataset,
+            max_samples=data_args.max_samples,
+            seed=training_args.seed,
+            image_folder=data_args.image_folder,
+            on_error=data_args.on_error,
+        )
+        dataset = check_token_lengths(
+            dataset, processor, data_args.max_length, on_error=data_args.on_error, caption_prompt=data_args.prompt
+        )
     if training_args.process_index == 0:
         print(f"training on {len(dataset)} captions")
     training_args.remove_unused_columns = False
-    cache = prepare_feature_cache(model, processor, dataset, training_args, model_args.feature_cache_dir) if model_args.cache_vision_features else None
+    cache = (
+        prepare_feature_cache(model, processor, dataset, training_args, model_args.feature_cache_dir)
+        if model_args.cache_vision_features
+        else None
+    )
 
     # Training
-    trainer = Trainer(
+    trainer = VLMTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=CaptionCollator(processor, prompt=data_args.prompt, max_length=data_args.max_length, feature_cache=cache),
+        processing_class=processor,
+        data_collator=CaptionCollator(
+            processor, prompt=data_args.prompt, max_length=data_args.max_length, feature_cache=cache
+        ),
     )
     trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
-    save_run(trainer, processor, training_args.output_dir)
+    trainer.save_model()  # model, processor, remote code, loss.png, swapped in whole; pushed with --push_to_hub true
     return trainer
 
 

@@ -11,7 +11,6 @@ on the assistant's answers only (hf_vlm.data.ConversationCollator). Driven by TR
 
 from dataclasses import dataclass, field
 
-import torch
 from transformers import set_seed
 from trl import SFTConfig, TrlParser
 
@@ -23,52 +22,88 @@ from hf_vlm.data.token_checks import check_token_lengths
 from hf_vlm.evaluation import easy_vqa_test_questions
 from hf_vlm.feature_cache import prepare_feature_cache
 from hf_vlm.learning_curve import LearningCurveCallback
-from hf_vlm.training import VLMSFTTrainer, apply_lora, param_groups, save_run, set_trainable
+from hf_vlm.training import VLMSFTTrainer, apply_lora, set_trainable, trainable_parameters
 
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="easy_vqa", metadata={"help": "A source name, a LLaVA / TRL / the_cauldron JSON or JSONL file, a dataset folder or a Hub id (hf_vlm.data.sources)."})
-    image_folder: str | None = field(default=None, metadata={"help": "Folder that relative image paths in a data file start from."})
-    on_error: str = field(default="raise", metadata={"help": "A bad sample (image, format, too long for max_length): 'raise' names it, 'skip' drops it with a count.", "choices": ["raise", "skip"]})
+    dataset: str = field(
+        default="easy_vqa",
+        metadata={
+            "help": "A source name, a LLaVA / TRL / the_cauldron JSON or JSONL file, a dataset folder or a Hub id "
+            "(hf_vlm.data.sources)."
+        },
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder that relative image paths in a data file start from."}
+    )
+    on_error: str = field(
+        default="raise",
+        metadata={
+            "help": "A bad sample (image, format, too long for max_length): 'raise' names it, "
+            "'skip' drops it with a count.",
+            "choices": ["raise", "skip"],
+        },
+    )
     max_samples: int | None = field(default=None, metadata={"help": "Train on this many conversations at most."})
-    curve_every: int | None = field(default=None, metadata={"help": "Evaluate easy-VQA accuracy every N samples (a learning curve)."})
-    curve_questions: int = field(default=300, metadata={"help": "Held-out easy-VQA test questions per learning-curve point."})
+    curve_every: int | None = field(
+        default=None, metadata={"help": "Evaluate easy-VQA accuracy every N samples (a learning curve)."}
+    )
+    curve_questions: int = field(
+        default=300, metadata={"help": "Held-out easy-VQA test questions per learning-curve point."}
+    )
 
 
 @dataclass
 class TuningArguments:
-    projector_learning_rate: float = field(default=1e-4, metadata={"help": "The projector's rate; learning_rate is the LM's."})
+    projector_learning_rate: float = field(
+        default=1e-4, metadata={"help": "The projector's rate; learning_rate is the LM's."}
+    )
     use_lora: bool = field(default=False, metadata={"help": "LoRA adapters on the LM instead of full fine-tuning."})
     lora_r: int = 16
     lora_alpha: int = 32
 
 
-def main(model_args: ModelArguments, data_args: DataArguments, tuning_args: TuningArguments, training_args: SFTConfig) -> VLMSFTTrainer:
+def main(
+    model_args: ModelArguments, data_args: DataArguments, tuning_args: TuningArguments, training_args: SFTConfig
+) -> VLMSFTTrainer:
     # Model: projector and language model train (the LM through adapters with LoRA); the vision tower does not.
     set_seed(training_args.seed)  # a new projector or LoRA adapters start from random weights
     model, processor = load_vlm(model_args)
     set_trainable(model, vision=False, projector=True, language=not tuning_args.use_lora)
     if tuning_args.use_lora:
         model = apply_lora(model, rank=tuning_args.lora_r, alpha=tuning_args.lora_alpha)
-    rates = {"projector": tuning_args.projector_learning_rate, "language": training_args.learning_rate}
-    groups = param_groups(model, rates, training_args.weight_decay)
-    print("trainable parameters:", {group["name"]: sum(p.numel() for p in group["params"]) for group in groups})
+    if training_args.process_index == 0:
+        print("trainable parameters:", trainable_parameters(model))
 
     # Dataset: conversations in TRL's images + messages shape, validated once (cached) and checked against max_length
     # before step 1; our collator builds the labels.
     with training_args.main_process_first(desc="dataset validation"):
-        dataset = conversation_dataset(data_args.dataset, max_samples=data_args.max_samples, seed=training_args.seed, image_folder=data_args.image_folder, on_error=data_args.on_error)
+        dataset = conversation_dataset(
+            data_args.dataset,
+            max_samples=data_args.max_samples,
+            seed=training_args.seed,
+            image_folder=data_args.image_folder,
+            on_error=data_args.on_error,
+        )
         dataset = check_token_lengths(dataset, processor, training_args.max_length, on_error=data_args.on_error)
     if training_args.process_index == 0:
         print(f"training on {len(dataset)} conversations")
     training_args.dataset_kwargs = {"skip_prepare_dataset": True}
     training_args.remove_unused_columns = False
-    cache = prepare_feature_cache(model, processor, dataset, training_args, model_args.feature_cache_dir) if model_args.cache_vision_features else None
+    cache = (
+        prepare_feature_cache(model, processor, dataset, training_args, model_args.feature_cache_dir)
+        if model_args.cache_vision_features
+        else None
+    )
     callbacks = []
     if data_args.curve_every:
         questions = easy_vqa_test_questions(data_args.curve_questions)
-        callbacks.append(LearningCurveCallback(processor, questions, data_args.curve_every, f"{training_args.output_dir}/curve", feature_cache=cache))
+        callbacks.append(
+            LearningCurveCallback(
+                processor, questions, data_args.curve_every, f"{training_args.output_dir}/curve", feature_cache=cache
+            )
+        )
 
     # Training
     trainer = VLMSFTTrainer(
@@ -77,11 +112,11 @@ def main(model_args: ModelArguments, data_args: DataArguments, tuning_args: Tuni
         train_dataset=dataset,
         processing_class=processor,
         data_collator=ConversationCollator(processor, max_length=training_args.max_length, feature_cache=cache),
-        optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups}),
+        projector_learning_rate=tuning_args.projector_learning_rate,
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args))
-    save_run(trainer, processor, training_args.output_dir)
+    trainer.save_model()  # model (LoRA merged), processor, code, loss.png, swapped in whole; --push_to_hub pushes it
     return trainer
 
 

@@ -4,12 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.optimization import Adafactor
 from trl import SFTConfig
 
-from hf_vlm import VLMForConditionalGeneration, build_vlm
+from hf_vlm import VLMForConditionalGeneration, VLMProcessor, build_vlm
 from hf_vlm.build import ModelArguments
-from hf_vlm.training import param_groups, set_trainable, trainable_parameters
+from hf_vlm.training import VLMTrainer, param_groups, part_of, set_trainable, trainable_parameters
 
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 
@@ -23,7 +24,15 @@ def load_script(name):
 
 stage1, stage2 = load_script("train_stage1"), load_script("train_stage2")
 
-COMMON = dict(per_device_train_batch_size=4, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+COMMON = dict(
+    per_device_train_batch_size=4,
+    logging_steps=1,
+    report_to="none",
+    save_strategy="no",
+    use_cpu=True,
+    seed=0,
+    disable_tqdm=True,
+)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -32,8 +41,15 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def changed_parts(before: dict, after: dict) -> dict[str, bool]:
     """For each part, whether any of its tensors changed (keys as in VLMForConditionalGeneration)."""
-    parts = {"vision": "model.vision_tower.", "projector": "model.multi_modal_projector.", "language": ("model.language_model.", "lm_head.")}
-    return {part: any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)) for part, prefix in parts.items()}
+    parts = {
+        "vision": "model.vision_tower.",
+        "projector": "model.multi_modal_projector.",
+        "language": ("model.language_model.", "lm_head."),
+    }
+    return {
+        part: any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
+        for part, prefix in parts.items()
+    }
 
 
 def run_stage1(backbones, output_dir, **training):
@@ -70,18 +86,21 @@ def run_stage2(folder, output_dir, use_lora=False, max_samples=16, curve_every=N
 def test_stage2_trains_projector_and_lm_not_vision(stage1_folder, tmp_path):
     """Stage 2 changes projector and LM weights and leaves the vision tower bit-identical."""
     before = load_file(stage1_folder / "model.safetensors")
-    trainer = run_stage2(stage1_folder, tmp_path / "s2")
+    trainer = run_stage2(stage1_folder, tmp_path / "s2", learning_rate=5e-3)
     after = load_file(tmp_path / "s2" / "model.safetensors")
     assert changed_parts(before, after) == {"vision": False, "projector": True, "language": True}
 
-    # The optimizer holds exactly the trainable parameters, in one group per part with its own rate.
+    # The optimizer holds exactly the trainable parameters, in groups per part and decay split, each part at its rate.
     optimizer = trainer.optimizer
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
     assert in_optimizer == trainable
     assert set(map(id, optimizer.state)) <= trainable and len(optimizer.state) == len(trainable)
-    assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == sum(trainable_parameters(trainer.model).values())
-    assert [g["name"] for g in optimizer.param_groups] == ["language", "projector"]
+    assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == sum(
+        trainable_parameters(trainer.model).values()
+    )
+    rates = {group["name"]: group["initial_lr"] for group in optimizer.param_groups}  # before the schedule scaled them
+    assert rates == {"language": 5e-3, "language.no_decay": 5e-3, "projector": 1e-2, "projector.no_decay": 1e-2}
     frozen = sum(p.numel() for p in trainer.model.model.vision_tower.parameters())
     assert frozen > 0 and trainable_parameters(trainer.model)["vision"] == 0
 
@@ -94,7 +113,11 @@ def test_stage2_with_lora_trains_adapters_and_projector_only(stage1_folder, tmp_
     for name, parameter in peft_model.named_parameters():
         is_adapter = "lora_" in name
         assert parameter.requires_grad == (is_adapter or "multi_modal_projector" in name), name
-    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in peft_model.state_dict().items() if "lora_" not in k}
+    base = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in peft_model.state_dict().items()
+        if "lora_" not in k
+    }
     assert changed_parts(before, base) == {"vision": False, "projector": True, "language": False}
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in peft_model.named_parameters() if "lora_B" in n)
 
@@ -106,23 +129,102 @@ def test_stage2_with_lora_trains_adapters_and_projector_only(stage1_folder, tmp_
 
 def test_sft_trainer_overfits_a_tiny_repeated_batch(stage1_folder, tmp_path):
     """SFTTrainer on images + messages with the hf_vlm model and processor drives the loss down."""
-    trainer = run_stage2(stage1_folder, tmp_path / "fit", max_samples=4, max_steps=20, learning_rate=1e-2)  # one batch, 20 times
+    # One batch, 20 times.
+    trainer = run_stage2(stage1_folder, tmp_path / "fit", max_samples=4, max_steps=20, learning_rate=1e-2)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
 
 
-def test_set_trainable_and_param_groups(built):
+def test_set_trainable_and_param_groups(model):
     """set_trainable counts per part; param_groups leaves frozen parts out and needs a rate per trainable part."""
-    model, _ = built
     counts = set_trainable(model, vision=False, projector=True, language=False)
     assert counts["vision"] == counts["language"] == 0 < counts["projector"]
-    assert [g["name"] for g in param_groups(model, {"projector": 1e-3})] == ["projector"]
+    decay = [name for name, _ in model.named_parameters() if "bias" not in name]
+    assert [g["name"] for g in param_groups(model, {"projector": 1e-3}, 0.1, decay)] == [
+        "projector",
+        "projector.no_decay",
+    ]
     set_trainable(model, vision=False, projector=True, language=True)
     with pytest.raises(ValueError, match="language"):
-        param_groups(model, {"projector": 1e-3})
+        param_groups(model, {"projector": 1e-3}, 0.1, decay)
     model.train()
     assert model.model.language_model.training and not model.model.vision_tower.training
-    model.eval()
+
+
+OPTIMIZERS = {"adamw_torch": torch.optim.AdamW, "adafactor": Adafactor, "sgd": torch.optim.SGD}
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_optimizer_follows_the_training_arguments(model, tmp_path, optim):
+    """The trainer's optimizer is --optim's class with its settings over groups per part (the projector at its own
+    rate) and per decay split, the split being the stock Trainer's: no weight decay on biases and norms."""
+    set_trainable(model, vision=False, projector=True, language=True)
+    settings = dict(learning_rate=1e-3, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-6)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", optim=optim, **settings)
+    optimizer = VLMTrainer(model=model, args=args, projector_learning_rate=5e-3).create_optimizer()
+    assert type(optimizer) is OPTIMIZERS[optim]
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert list(groups) == ["language", "language.no_decay", "projector", "projector.no_decay"]
+    for name, group in groups.items():
+        part, decays = name.split(".")[0], not name.endswith(".no_decay")
+        assert group["lr"] == {"language": 1e-3, "projector": 5e-3}[part], name
+        assert group["weight_decay"] == (0.1 if decays else 0.0), name
+        assert group["params"] and {part_of(names[id(p)]) for p in group["params"]} == {part}, name
+        if optim == "adamw_torch":
+            assert group["betas"] == (0.8, 0.9) and group["eps"] == 1e-6
+    no_decay = {names[id(p)] for name, group in groups.items() if name.endswith(".no_decay") for p in group["params"]}
+    assert any(".bias" in n for n in no_decay) and any("norm" in n for n in no_decay)
+    assert not any(
+        ".bias" in names[id(p)] or "norm" in names[id(p)]
+        for part in ("language", "projector")
+        for p in groups[part]["params"]
+    )
+
+    stock = Trainer(model=model, args=args).create_optimizer()  # the Trainer's own split: [decay, no decay]
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    assert ids(stock.param_groups[0]["params"]) == ids(groups["language"]["params"]) | ids(
+        groups["projector"]["params"]
+    )
+    assert ids(stock.param_groups[1]["params"]) == ids(groups["language.no_decay"]["params"]) | ids(
+        groups["projector.no_decay"]["params"]
+    )
+
+
+def test_optimizer_given_its_parameters_is_refused(model, tmp_path):
+    """Parameters passed in `optimizer_cls_and_kwargs` (the old way to get per-part rates) are refused, not used."""
+    set_trainable(model, vision=False, projector=True, language=False)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    given = (torch.optim.AdamW, {"params": list(model.parameters())})
+    with pytest.raises(ValueError, match="brings its own parameters"):
+        VLMTrainer(model=model, args=args, optimizer_cls_and_kwargs=given).create_optimizer()
+
+
+def test_stage1_with_push_to_hub_pushes_the_saved_folder(backbones, hub, tmp_path):
+    """--push_to_hub true uploads the folder the run saved (weights, config, processor, remote code, loss.png),
+    and the repo loads with from_pretrained to the trained weights."""
+    import hashlib
+
+    from huggingface_hub import HfApi, hf_hub_download
+
+    trainer = run_stage1(backbones, tmp_path / "s1", push_to_hub=True, hub_model_id="user/tiny")
+    local = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "s1").iterdir() if p.is_file()}
+    assert {"model.safetensors", "config.json", "processor_config.json", "loss.png"} <= local.keys()
+    assert any(name.startswith("modeling") and name.endswith(".py") for name in local)  # the remote code
+    pushed = {f.rfilename for f in HfApi().list_repo_tree("user/tiny")} - {".gitattributes"}
+    assert pushed == local.keys()
+    assert all(
+        hashlib.sha256(Path(hf_hub_download("user/tiny", name)).read_bytes()).hexdigest() == local[name]
+        for name in pushed
+    )
+
+    loaded = VLMForConditionalGeneration.from_pretrained("user/tiny")
+    trained = trainer.model.state_dict()
+    assert loaded.state_dict().keys() == trained.keys() and all(
+        torch.equal(v, trained[k]) for k, v in loaded.state_dict().items()
+    )
+    assert VLMProcessor.from_pretrained("user/tiny").image_seq_length == loaded.config.image_seq_length
 
 
 @pytest.mark.parametrize("recipe", sorted((SCRIPTS / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -141,7 +243,8 @@ def test_every_recipe_parses_into_its_script_arguments(recipe):
 
 
 def test_vlm_sft_trainer_loss_and_metrics_equal_trls_fused_head(stage1_folder, tmp_path):
-    """Off Triton, VLMSFTTrainer's labelled-positions loss, entropy and token accuracy equal TRL's fused head's to 1e-5."""
+    """Off Triton, VLMSFTTrainer's labelled-positions loss, entropy and token accuracy equal TRL's fused head's
+    to 1e-5."""
     from trl import SFTTrainer
 
     trainer = run_stage2(stage1_folder, tmp_path / "metrics", max_steps=1)

@@ -3,13 +3,18 @@
 Stage 1 (alignment) trains the projector only; stage 2 (instruction tuning) trains the projector and
 the language model (fully, or LoRA adapters on it). The vision tower stays frozen in both, and a
 frozen tower also stays in eval mode (see `VLMModel.train`) and runs without an autograd graph.
+Both stages' trainers (`VLMTrainer`, `VLMSFTTrainer`) make the optimizer groups per part and save a complete model.
 """
 
 import copy
+import os
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_optimizer import is_optimizer_factory
 from trl import SFTTrainer
 
 from .saving import replacing
@@ -21,6 +26,7 @@ except ImportError:  # a private helper: if TRL moves it, assume what TRL 1.16 d
     def _use_triton(device: torch.device) -> bool:
         return device.type in ("cuda", "xpu")
 
+
 # Part name -> attribute of `VLMModel`; `lm_head` belongs to the language part.
 PARTS = {"vision": "vision_tower", "projector": "multi_modal_projector", "language": "language_model"}
 
@@ -28,6 +34,10 @@ PARTS = {"vision": "vision_tower", "projector": "multi_modal_projector", "langua
 def _unwrap(model: nn.Module) -> nn.Module:
     """The `VLMForConditionalGeneration` inside a peft wrapper, or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "merge_and_unload")
 
 
 def part_of(parameter_name: str) -> str:
@@ -63,27 +73,39 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def param_groups(model: nn.Module, learning_rates: dict[str, float], weight_decay: float = 0.0) -> list[dict]:
-    """One optimizer group per trainable part with its own learning rate; frozen parameters are left out.
+def param_groups(
+    model: nn.Module, learning_rates: dict[str, float], weight_decay: float, decay_parameters
+) -> list[dict]:
+    """Optimizer groups for the trainable parameters: one per part and per decay split, each part at its own rate.
 
-    Pass the result as `optimizer_cls_and_kwargs=(torch.optim.AdamW, {"params": groups})` to a `Trainer` or
-    `SFTTrainer`: its scheduler scales every group's rate by the same factor, so the ratios hold all run long.
+    `decay_parameters` names the parameters that decay (a Trainer's `get_decay_parameter_names(model)`); the others
+    (biases, norms) get weight decay 0. Frozen parameters are left out, as are empty groups. Groups are named
+    `<part>` and `<part>.no_decay`; the language part comes first, since trainers log the first group's rate.
     """
-    grouped: dict[str, list[torch.nn.Parameter]] = {part: [] for part in PARTS}
+    decay_parameters = set(decay_parameters)
+    grouped: dict[str, list[torch.nn.Parameter]] = {}
     seen = set()
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and id(parameter) not in seen:
             seen.add(id(parameter))
-            grouped[part_of(name)].append(parameter)
-    missing = [part for part, params in grouped.items() if params and part not in learning_rates]
+            part = part_of(name)
+            grouped.setdefault(part if name in decay_parameters else f"{part}.no_decay", []).append(parameter)
+    missing = sorted({name.split(".")[0] for name in grouped} - learning_rates.keys())
     if missing:
-        raise ValueError(f"No learning rate for the trainable part(s) {missing}; give learning_rates for {list(grouped)}.")
-    # The language group first: trainers log the first group's rate, which is then `learning_rate`.
-    order = sorted(grouped, key=lambda part: part != "language")
+        raise ValueError(
+            f"No learning rate for the trainable part(s) {missing}; learning_rates has {sorted(learning_rates)}."
+        )
+    order = [
+        name for part in ("language", "projector", "vision") for name in (part, f"{part}.no_decay") if name in grouped
+    ]
     return [
-        {"params": grouped[part], "lr": learning_rates[part], "weight_decay": weight_decay, "name": part}
-        for part in order
-        if grouped[part]
+        {
+            "params": grouped[name],
+            "lr": learning_rates[name.split(".")[0]],
+            "weight_decay": 0.0 if name.endswith(".no_decay") else weight_decay,
+            "name": name,
+        }
+        for name in order
     ]
 
 
@@ -91,11 +113,13 @@ def param_groups(model: nn.Module, learning_rates: dict[str, float], weight_deca
 LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def apply_lora(model: nn.Module, rank: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: str = LORA_TARGETS):
+def apply_lora(
+    model: nn.Module, rank: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: str = LORA_TARGETS
+):
     """Wrap `model` with peft LoRA adapters on the language model; the projector stays fully trainable.
 
     peft freezes everything but the adapters, so the projector's `requires_grad` is restored afterwards.
-    `save_run` merges the adapters back, so the saved folder is a plain hf_vlm model.
+    `save_run` (the trainers' final save) merges the adapters back, so the saved folder is a plain hf_vlm model.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -105,23 +129,33 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: int = 32, dropout: float
     return peft_model
 
 
-def save_run(trainer, processor, output_dir: str) -> None:
-    """Save a complete model folder (weights, processor, remote code) and `loss.png` into `output_dir`.
+def save_run(trainer: Trainer, processor=None, output_dir: str | os.PathLike | None = None) -> None:
+    """Save a complete model folder (weights, config, remote code, processor, `loss.png`); every process calls it.
 
-    The folder is replaced in one swap (`hf_vlm.saving.replacing`): a kill leaves the old model or the new one,
-    never a mix. Its subfolders (`checkpoint-N`, logs, learning curves) stay; files that earlier saves or the
-    trainer left at the top (an old card, old weight shards) do not. LoRA adapters are merged into a copy of the
-    model, so `from_pretrained` loads the folder as it is and the trained peft model stays as it was. Only the
-    main process writes.
+    `output_dir` defaults to `trainer.args.output_dir`, `processor` to `trainer.processing_class`. The weights go
+    through the Trainer's own `save_model`, which gathers sharded states (FSDP, DeepSpeed) on every process and
+    writes on the main one. LoRA adapters are merged into a copy of the model that only the main process makes, so
+    `from_pretrained` loads the folder as it is and the trained peft model stays as it was. The folder is replaced in
+    one swap (`hf_vlm.saving.replacing`): a kill leaves the old model or the new one, never a mix. What else it
+    holds (`checkpoint-N`, logs, the user's files and symlinks) stays; files of an earlier model save that this one
+    did not write (old weight shards, an old card: `hf_vlm.saving.MODEL_FILES`) do not. Where the folder cannot be
+    renamed (the working directory, a mount point, a parent the user cannot write to) it is written in place, with
+    a warning.
     """
+    output_dir = trainer.args.output_dir if output_dir is None else output_dir
+    processor = trainer.processing_class if processor is None else processor
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):
-        model = copy.deepcopy(model).merge_and_unload()
-    if trainer.is_world_process_zero():
-        with replacing(output_dir) as folder:
-            model.save_pretrained(folder)
+    writer = trainer.args.should_save  # the process(es) that write, as in Trainer.save_model
+    with replacing(output_dir) if writer else nullcontext(Path(output_dir)) as folder:
+        if _is_peft(model):
+            if writer:
+                copy.deepcopy(model).merge_and_unload().save_pretrained(folder)
+        else:  # Trainer's, not the subclass's: that one would come back here
+            Trainer.save_model(trainer, str(folder), _internal_call=True)
+        if writer:
             processor.save_pretrained(folder)
             save_loss_curve(trainer.state.log_history, folder / "loss.png")
+    trainer.accelerator.wait_for_everyone()  # no process goes on before the folder is whole
 
 
 def save_loss_curve(log_history: list[dict], path: str, title: str = "Training loss") -> None:
@@ -134,7 +168,7 @@ def save_loss_curve(log_history: list[dict], path: str, title: str = "Training l
     points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
     figure, axes = plt.subplots(figsize=(6, 3.5))
     if points:
-        axes.plot(*zip(*points), marker="." if len(points) < 50 else None)
+        axes.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
     axes.set(xlabel="step", ylabel="loss (answer tokens)", title=title)
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -142,8 +176,72 @@ def save_loss_curve(log_history: list[dict], path: str, title: str = "Training l
     plt.close(figure)
 
 
-class VLMSFTTrainer(SFTTrainer):
-    """TRL's `SFTTrainer`, with a loss that projects only the labelled positions through the LM head on any device.
+class VLMTrainerMixin:
+    """What both stages' trainers add to their base (`Trainer` in stage 1, TRL's `SFTTrainer` in stage 2): optimizer
+    groups per trainable part, made where the Trainer makes its optimizer, and a complete model as the run's save.
+
+    `projector_learning_rate` (default: `args.learning_rate`) is the projector's rate; every other trainable part
+    trains at `args.learning_rate`. The scheduler scales every group's rate by the same factor, so the ratio holds
+    all run long.
+    """
+
+    def __init__(self, *args, projector_learning_rate: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_learning_rate = projector_learning_rate
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if _is_peft(self.model) and (self.is_fsdp_enabled or zero3):
+            # `save_run` merges the adapters into a copy of the whole model on the main process.
+            raise ValueError(
+                "LoRA with FSDP or DeepSpeed ZeRO-3 is not supported: the final save merges the adapters on the main "
+                "process, which holds only a shard of the model."
+            )
+
+    def create_optimizer(self, model=None):
+        """The optimizer that `--optim` names, with its settings (`--adam_beta1/2`, `--adam_epsilon`, `--optim_args`),
+        over `param_groups`: per part, and without weight decay where the Trainer's `get_decay_parameter_names` says
+        (biases, norms). The Trainer calls this before FSDP2 or DeepSpeed take the parameters over (they remap the
+        optimizer's) or, under FSDP1, with the wrapped model."""
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        optimizer_cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, model)
+        if is_optimizer_factory(optimizer_cls) or kwargs.keys() & {"params", "model", "optimizer_dict"}:
+            raise ValueError(
+                f"The optimizer of --optim {self.args.optim} (or of optimizer_cls_and_kwargs) brings its own "
+                "parameters or groups; the per-part learning rates need one that takes groups (adamw_torch, "
+                "adafactor, sgd, ...)."
+            )
+        rates = dict.fromkeys(PARTS, self.args.learning_rate)
+        if self.projector_learning_rate is not None:
+            rates["projector"] = self.projector_learning_rate
+        groups = param_groups(model, rates, self.args.weight_decay, self.get_decay_parameter_names(model))
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Into `args.output_dir` (the default, and where `push_to_hub` saves before it uploads): a complete model
+        folder through `save_run`. Anywhere else (`checkpoint-N`): as the Trainer saves, what resuming reads."""
+        if output_dir is not None and Path(output_dir).resolve() != Path(self.args.output_dir).resolve():
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.push_to_hub and not _internal_call:
+            # push_to_hub saves here (back through this method) and uploads the folder: one save, not two.
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            return
+        save_run(self)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """Write no card. The Trainer's and TRL's (TRL writes one into `output_dir` at every checkpoint; both write one
+        before `push_to_hub` uploads) describe a text model fine-tuned from "None"; `hf_vlm.hub.model_card` writes
+        this model's card."""
+
+
+class VLMTrainer(VLMTrainerMixin, Trainer):
+    """Stage 1's trainer: transformers' `Trainer` with `VLMTrainerMixin`'s per-part optimizer and complete save."""
+
+
+class VLMSFTTrainer(VLMTrainerMixin, SFTTrainer):
+    """TRL's `SFTTrainer` with `VLMTrainerMixin`, and a loss that projects only the labelled positions through the LM
+    head on any device.
 
     TRL's fused LM head keeps only the labelled positions on Triton devices (CUDA, XPU) and scores every position
     elsewhere, the CPU included, to keep tile shapes fixed for compilers such as Neuron's
@@ -153,17 +251,22 @@ class VLMSFTTrainer(SFTTrainer):
     and multiple processes included), and logs the same `entropy` and `mean_token_accuracy` as TRL.
     """
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """Write no card. TRL's (written into `output_dir` at every checkpoint, and by `push_to_hub`) describes a
-        text-generation model fine-tuned from "None"; `hf_vlm.hub.model_card` writes this model's card."""
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plain_nll = self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
-        if _use_triton(self.accelerator.device) or not plain_nll or self.aux_loss_enabled or "attention_mask" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if (
+            _use_triton(self.accelerator.device)
+            or not plain_nll
+            or self.aux_loss_enabled
+            or "attention_mask" not in inputs
+        ):
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
-        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss, outputs = Trainer.compute_loss(
+            self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
 
         # The logits are those of the labelled positions, in the order of `shift_labels[shift_labels != -100]`.
         with torch.no_grad():

@@ -1,5 +1,6 @@
-"""Run scripts/train_stage1.py and SIGKILL it while it saves its second checkpoint: the weights are written, optimizer.pt
-only halfway, and nothing after it (scheduler, RNG and trainer state), as a kill at that moment leaves the folder."""
+"""Run scripts/train_stage1.py and SIGKILL it while it saves its second checkpoint: the weights are written,
+optimizer.pt only halfway, and nothing after it (scheduler, RNG and trainer state), as a kill at that moment leaves
+the folder."""
 
 import io
 import os
