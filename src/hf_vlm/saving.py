@@ -36,7 +36,7 @@ MODEL_FILES = (
     "config.json", "generation_config.json", "*.py",  # config and remote code
     "tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "added_tokens.json", "chat_template*",
     "processor_config.json", "preprocessor_config.json",
-    "README.md", "loss.png",  # the card and learning curve that save_run and push write
+    "README.md", "loss.png", "training_args.bin",  # the card, learning curve and arguments that save_run writes
 )
 """Top-level files that a model or processor save owns. When `replacing` swaps in a new folder, the old folder's
 files matching these go, so that a stale shard or card cannot stay beside the new ones; all else in it (the user's
