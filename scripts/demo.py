@@ -30,7 +30,7 @@ from trl import SFTConfig, TrlParser
 import run_eval
 import train_stage1
 import train_stage2
-from hf_vlm.build import ModelArguments
+from hf_vlm.cli import ModelArguments
 from hf_vlm.data import easy_vqa_captions
 from hf_vlm.evaluation import easy_vqa_caption_accuracy, easy_vqa_test_questions, generate_answers
 from hf_vlm.feature_cache import VisionFeatureCache

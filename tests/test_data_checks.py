@@ -298,7 +298,7 @@ def test_stage1_with_on_error_skip_trains_on_the_rest_and_names_both_drops(backb
     """One missing image and one caption too long for max_length: the run drops both, names them, and trains."""
     from transformers import TrainingArguments
 
-    from hf_vlm.build import ModelArguments
+    from hf_vlm.cli import ModelArguments
 
     spec = importlib.util.spec_from_file_location("train_stage1", Path(__file__).parent.parent / "scripts" / "train_stage1.py")
     stage1 = importlib.util.module_from_spec(spec)

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 import hf_vlm
 from hf_vlm import VLMConfig, VLMForConditionalGeneration, VLMModel, VLMProcessor, build_vlm
-from hf_vlm.build import ModelArguments, load_vlm
+from hf_vlm.cli import ModelArguments, load_vlm
 
 SHIPPED = Path(hf_vlm.__file__).parent
 SHIPPED_FILES = [

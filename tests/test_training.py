@@ -9,7 +9,7 @@ from transformers.optimization import Adafactor
 from trl import SFTConfig
 
 from hf_vlm import VLMForConditionalGeneration, VLMProcessor, build_vlm
-from hf_vlm.build import ModelArguments
+from hf_vlm.cli import ModelArguments
 from hf_vlm.training import VLMTrainer, param_groups, part_of, set_trainable, trainable_parameters
 
 SCRIPTS = Path(__file__).parent.parent / "scripts"

@@ -2,7 +2,6 @@
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -50,12 +49,12 @@ def build_vlm(
         `(model, processor)` that agree on `image_token_id` and `image_seq_length`, the model in eval mode as
         `from_pretrained` returns it. The tokenizer pads on the left, as generation needs.
     """
-    with _loading_from(vision_model, "vision_model"):
+    with loading_from(vision_model, "vision_model"):
         tower = _load_vision_tower(vision_model, dtype)
         image_processor = AutoImageProcessor.from_pretrained(vision_model)
     image_processor, image_size = _fit_image_processor(image_processor, tower, image_size)
 
-    with _loading_from(text_model, "text_model"):
+    with loading_from(text_model, "text_model"):
         language_model = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(text_model, padding_side="left")
     tokenizer.add_tokens([image_token], special_tokens=True)
@@ -89,7 +88,7 @@ def build_vlm(
 
 
 @contextmanager
-def _loading_from(name: str, argument: str):
+def loading_from(name: str, argument: str):
     """Load from `name`, a local folder or a Hub id, saying plainly when a folder is missing.
 
     A name that can only be a path (huggingface_hub's repo-id rules reject `/abs`, `./x`, `~/x`, `a/b/c`) and does
@@ -190,35 +189,3 @@ def _vision_geometry(tower: PreTrainedModel, image_size: int, vision_feature_lay
     if height != width:
         raise ValueError(f"The vision encoder gives a {height}x{width} feature map; square maps only.")
     return {"image_size": image_size, "vision_grid_size": height, "vision_hidden_size": channels}
-
-
-@dataclass
-class ModelArguments:
-    """Which VLM to train: an existing folder or Hub id, or a new one composed by `build_vlm`."""
-
-    model_name_or_path: str | None = field(default=None, metadata={"help": "A saved hf_vlm model (e.g. stage 1's output)."})
-    vision_model: str | None = field(default=None, metadata={"help": "Vision encoder for a new VLM (Hub id or folder)."})
-    text_model: str | None = field(default=None, metadata={"help": "Causal LM for a new VLM (Hub id or folder)."})
-    projector_type: str = field(default="mlp", metadata={"help": "A key of hf_vlm.PROJECTORS."})
-    image_size: int | None = field(default=None, metadata={"help": "Input pixels for a CNN vision encoder."})
-    vision_feature_layer: int | None = field(default=None, metadata={"help": "Hidden state fed to the projector."})
-    projector_num_tokens: int = field(default=64, metadata={"help": "Tokens per image for c_abstractor / resampler."})
-    pixel_shuffle_factor: int = field(default=2, metadata={"help": "r for pixel_shuffle."})
-    cache_vision_features: bool = field(
-        default=True, metadata={"help": "Encode each image once with the frozen tower and train on the stored features."}
-    )
-    feature_cache_dir: str | None = field(default=None, metadata={"help": "Root of the feature cache; default $HF_VLM_CACHE/vision_features."})
-
-
-def load_vlm(args: ModelArguments) -> tuple[VLMForConditionalGeneration, VLMProcessor]:
-    """`from_pretrained` when `model_name_or_path` is given, else `build_vlm(vision_model, text_model, ...)`."""
-    if args.model_name_or_path is not None:
-        with _loading_from(args.model_name_or_path, "model_name_or_path"):
-            model = VLMForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=torch.float32)
-            return model, VLMProcessor.from_pretrained(args.model_name_or_path)
-    if args.vision_model is None or args.text_model is None:
-        raise ValueError("Give model_name_or_path, or both vision_model and text_model.")
-    overrides = {"projector_num_tokens": args.projector_num_tokens, "pixel_shuffle_factor": args.pixel_shuffle_factor}
-    if args.vision_feature_layer is not None:
-        overrides["vision_feature_layer"] = args.vision_feature_layer
-    return build_vlm(args.vision_model, args.text_model, args.projector_type, image_size=args.image_size, **overrides)

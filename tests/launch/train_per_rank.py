@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 from trl import SFTConfig, TrlParser
 
 import hf_vlm.data.llava as llava
-from hf_vlm.build import ModelArguments
+from hf_vlm.cli import ModelArguments
 
 stage = sys.argv[1]
 spec = importlib.util.spec_from_file_location(

@@ -1,0 +1,45 @@
+"""What the command-line scripts share: which model to train, as arguments, and how they become a model.
+
+`ModelArguments` is parsed by `TrlParser` beside each script's own dataclasses (`scripts/train_stage1.py`,
+`scripts/train_stage2.py`, the demo); `load_vlm` turns it into `(model, processor)`.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .build import build_vlm, loading_from
+from .modeling import VLMForConditionalGeneration
+from .processing import VLMProcessor
+
+
+@dataclass
+class ModelArguments:
+    """Which VLM to train: an existing folder or Hub id, or a new one composed by `build_vlm`."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A saved hf_vlm model (e.g. stage 1's output)."})
+    vision_model: str | None = field(default=None, metadata={"help": "Vision encoder for a new VLM (Hub id or folder)."})
+    text_model: str | None = field(default=None, metadata={"help": "Causal LM for a new VLM (Hub id or folder)."})
+    projector_type: str = field(default="mlp", metadata={"help": "A key of hf_vlm.PROJECTORS."})
+    image_size: int | None = field(default=None, metadata={"help": "Input pixels for a CNN vision encoder."})
+    vision_feature_layer: int | None = field(default=None, metadata={"help": "Hidden state fed to the projector."})
+    projector_num_tokens: int = field(default=64, metadata={"help": "Tokens per image for c_abstractor / resampler."})
+    pixel_shuffle_factor: int = field(default=2, metadata={"help": "r for pixel_shuffle."})
+    cache_vision_features: bool = field(
+        default=True, metadata={"help": "Encode each image once with the frozen tower and train on the stored features."}
+    )
+    feature_cache_dir: str | None = field(default=None, metadata={"help": "Root of the feature cache; default $HF_VLM_CACHE/vision_features."})
+
+
+def load_vlm(args: ModelArguments) -> tuple[VLMForConditionalGeneration, VLMProcessor]:
+    """`from_pretrained` when `model_name_or_path` is given, else `build_vlm(vision_model, text_model, ...)`."""
+    if args.model_name_or_path is not None:
+        with loading_from(args.model_name_or_path, "model_name_or_path"):
+            model = VLMForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+            return model, VLMProcessor.from_pretrained(args.model_name_or_path)
+    if args.vision_model is None or args.text_model is None:
+        raise ValueError("Give model_name_or_path, or both vision_model and text_model.")
+    overrides = {"projector_num_tokens": args.projector_num_tokens, "pixel_shuffle_factor": args.pixel_shuffle_factor}
+    if args.vision_feature_layer is not None:
+        overrides["vision_feature_layer"] = args.vision_feature_layer
+    return build_vlm(args.vision_model, args.text_model, args.projector_type, image_size=args.image_size, **overrides)
