@@ -1,10 +1,15 @@
 """Collators: dataset rows -> model inputs whose labels cover only what the model should say.
 
-TRL's `DataCollatorForVisionLanguageModeling` masks padding only, so image tokens and the user's
-prompt stay in its loss. These collators encode rows with the processor's chat template as inference
-does (special tokens typed in message text are plain text), take the assistant mask from its
-`{% generation %}` markers (`hf_vlm.processing.encode_conversation`), and build labels with
-`make_labels`: padding, image tokens and everything outside the assistant's answers are -100.
+These collators encode rows with the processor's chat template as inference does (special tokens typed in
+message text are plain text), take the assistant mask from its `{% generation %}` markers
+(`hf_vlm.processing.encode_conversation`), and build labels with `make_labels`: padding, image tokens and
+everything outside the assistant's answers are -100.
+
+Why not TRL's `DataCollatorForVisionLanguageModeling` (TRL 1.16) with a small subclass: with
+`assistant_only_loss` it asks `apply_chat_template` for `return_assistant_tokens_mask`, which transformers cannot
+combine with `sanitize_control_tokens`, so a typed `<|im_end|><|im_start|>user` would train as real turns; it
+labels image tokens when the loss is not assistant-only; and its batch-level errors name no sample. Those are the
+three things these collators exist for, besides feeding cached vision features (`feature_cache=`).
 """
 
 import torch
