@@ -24,6 +24,7 @@ import platform
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,7 +52,9 @@ def full_logits_loss(model, batch):
     """What stage 1's `Trainer` paid before: logits at every position, then the loss."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
-    return model.loss_function(logits=logits, labels=batch["labels"], vocab_size=model.config.get_text_config().vocab_size)
+    return model.loss_function(
+        logits=logits, labels=batch["labels"], vocab_size=model.config.get_text_config().vocab_size
+    )
 
 
 def own_loss(model, batch):
@@ -79,13 +82,25 @@ def measure(variants: dict, rounds: int) -> dict[str, float]:
 
 def table(title: str, seconds: dict[str, float], batch_size: int) -> tuple[str, list[dict]]:
     first = next(iter(seconds.values()))
-    rows = [{"variant": name, "s_per_step": s, "samples_per_s": batch_size / s, "ratio": first / s} for name, s in seconds.items()]
-    lines = [f"**{title}** (batch {batch_size})", "", "| variant | s / step | samples / s | vs first row |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['s_per_step']:.2f} | {r['samples_per_s']:.1f} | {r['ratio']:.2f}x |" for r in rows]
+    rows = [
+        {"variant": name, "s_per_step": s, "samples_per_s": batch_size / s, "ratio": first / s}
+        for name, s in seconds.items()
+    ]
+    lines = [
+        f"**{title}** (batch {batch_size})",
+        "",
+        "| variant | s / step | samples / s | vs first row |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['variant']} | {r['s_per_step']:.2f} | {r['samples_per_s']:.1f} | {r['ratio']:.2f}x |" for r in rows
+    ]
     return "\n".join(lines) + "\n", rows
 
 
-def each_change(model, optimizer, batch: dict, cached: dict, before_loss, before: str, rounds: int) -> dict[str, float]:
+def each_change(
+    model, optimizer, batch: dict, cached: dict, before_loss, before: str, rounds: int
+) -> dict[str, float]:
     """Seconds per step before the changes (pixels, `before_loss`), with each change alone, and with both."""
     return measure(
         {
@@ -119,30 +134,58 @@ def recipe_tables(vision: str, text: str, rounds: int, stage1_batch: int, stage2
     cache.encode(caption_images + question_images)
     stage1 = CaptionCollator(processor)(list(captions))
     stage2 = ConversationCollator(processor)(list(questions))
-    stage1_cached, stage2_cached = swap_in_features(stage1, cache, caption_images), swap_in_features(stage2, cache, question_images)
+    stage1_cached, stage2_cached = (
+        swap_in_features(stage1, cache, caption_images),
+        swap_in_features(stage2, cache, question_images),
+    )
 
     results = []
     set_trainable(model, vision=False, projector=True, language=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    seconds = each_change(model, optimizer, stage1, stage1_cached, full_logits_loss, "before: tower every step, full logits", rounds)
-    results.append(table(f"Stage 1 of the demo recipe ({int(stage1['attention_mask'].sum(1).float().mean())} tokens a sample)", seconds, stage1_batch))
+    seconds = each_change(
+        model, optimizer, stage1, stage1_cached, full_logits_loss, "before: tower every step, full logits", rounds
+    )
+    results.append(
+        table(
+            f"Stage 1 of the demo recipe ({int(stage1['attention_mask'].sum(1).float().mean())} tokens a sample)",
+            seconds,
+            stage1_batch,
+        )
+    )
 
     set_trainable(model, vision=False, projector=True, language=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     before = "before: tower every step, TRL's fused head on every position"
     seconds = each_change(model, optimizer, stage2, stage2_cached, trl_fused_loss, before, rounds)
-    results.append(table(f"Stage 2 of the demo recipe ({int(stage2['attention_mask'].sum(1).float().mean())} tokens a sample)", seconds, stage2_batch))
+    results.append(
+        table(
+            f"Stage 2 of the demo recipe ({int(stage2['attention_mask'].sum(1).float().mean())} tokens a sample)",
+            seconds,
+            stage2_batch,
+        )
+    )
     return results
 
 
 def llava_tables(text_config: LlamaConfig, rounds: int, batch_size: int) -> list:
     """hf_vlm against Llava from the same sub-configs, the same projector and the same batch."""
-    vision_config = SiglipVisionConfig(image_size=128, patch_size=32, hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6)
+    vision_config = SiglipVisionConfig(
+        image_size=128,
+        patch_size=32,
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+    )
     image_token_id = text_config.vocab_size - 1
-    common = dict(vision_config=vision_config, text_config=text_config, image_token_id=image_token_id, vision_feature_layer=-1)
+    common = dict(
+        vision_config=vision_config, text_config=text_config, image_token_id=image_token_id, vision_feature_layer=-1
+    )
     torch.manual_seed(0)
     ours = VLMForConditionalGeneration(VLMConfig(projector_type="mlp", **common)).train()
-    llava = LlavaForConditionalGeneration(LlavaConfig(vision_feature_select_strategy="full", projector_hidden_act="gelu", **common)).train()
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(vision_feature_select_strategy="full", projector_hidden_act="gelu", **common)
+    ).train()
     llava.load_state_dict(ours.state_dict())  # the same weights: state dict keys line up
 
     generator = torch.Generator().manual_seed(0)
@@ -150,21 +193,33 @@ def llava_tables(text_config: LlamaConfig, rounds: int, batch_size: int) -> list
     input_ids = torch.cat([text[:, :4], torch.full((batch_size, 16), image_token_id), text[:, 4:]], dim=1)
     labels = input_ids.masked_fill(torch.arange(input_ids.shape[1]) < input_ids.shape[1] - 4, -100)
     pixel_values = torch.randn(batch_size, 3, 128, 128, generator=generator)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels, "pixel_values": pixel_values}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "pixel_values": pixel_values,
+    }
     with torch.no_grad():
-        cached = {k: v for k, v in batch.items() if k != "pixel_values"} | {"vision_features": ours.get_vision_features(pixel_values)}
+        cached = {k: v for k, v in batch.items() if k != "pixel_values"} | {
+            "vision_features": ours.get_vision_features(pixel_values)
+        }
 
     results = []
-    for stage, language in (("stage-1 setting: projector trains", False), ("stage-2 setting: projector + LM train", True)):
+    for stage, language in (
+        ("stage-1 setting: projector trains", False),
+        ("stage-2 setting: projector + LM train", True),
+    ):
         optimizers = {}
         for name, model in (("llava", llava), ("ours", ours)):
             set_trainable(model, vision=False, projector=True, language=language)
             optimizers[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
         seconds = measure(
             {
-                "LlavaForConditionalGeneration (pixels, its loss)": lambda: train_step(llava, optimizers["llava"], batch, own_loss),
-                "hf_vlm, pixels": lambda: train_step(ours, optimizers["ours"], batch, own_loss),
-                "hf_vlm, cached vision features": lambda: train_step(ours, optimizers["ours"], cached, own_loss),
+                "LlavaForConditionalGeneration (pixels, its loss)": partial(
+                    train_step, llava, optimizers["llava"], batch, own_loss
+                ),
+                "hf_vlm, pixels": partial(train_step, ours, optimizers["ours"], batch, own_loss),
+                "hf_vlm, cached vision features": partial(train_step, ours, optimizers["ours"], cached, own_loss),
             },
             rounds,
         )
@@ -183,7 +238,9 @@ def main():
     text_config = transformers.AutoConfig.from_pretrained(text)
 
     with tempfile.TemporaryDirectory() as cache_dir:
-        tables = recipe_tables(vision, text, args.rounds, 32, 16, cache_dir) + llava_tables(text_config, args.rounds, 16)
+        tables = recipe_tables(vision, text, args.rounds, 32, 16, cache_dir) + llava_tables(
+            text_config, args.rounds, 16
+        )
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
     report = f"# Training throughput\n\n`python benchmarks/throughput.py --rounds {args.rounds}` on {machine}; fp32; medians of {args.rounds} interleaved rounds.\n\n"
@@ -192,7 +249,10 @@ def main():
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "throughput.md").write_text(report)
-    (output / "throughput.json").write_text(json.dumps({"machine": machine, "rounds": args.rounds, "tables": [rows for _, rows in tables]}, indent=2) + "\n")
+    (output / "throughput.json").write_text(
+        json.dumps({"machine": machine, "rounds": args.rounds, "tables": [rows for _, rows in tables]}, indent=2)
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

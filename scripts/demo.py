@@ -23,13 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import run_eval
 import torch
+import train_stage1
+import train_stage2
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 from trl import SFTConfig, TrlParser
 
-import run_eval
-import train_stage1
-import train_stage2
 from hf_vlm.cli import ModelArguments
 from hf_vlm.data import easy_vqa_captions
 from hf_vlm.evaluation import easy_vqa_caption_accuracy, easy_vqa_test_questions, generate_answers
@@ -45,14 +45,22 @@ CONFIGS = Path(__file__).parent / "configs"
 class DemoArguments:
     output_dir: str = field(default="runs/demo", metadata={"help": "Where every stage writes."})
     quick: bool = field(default=False, metadata={"help": "A smoke run: a few steps and questions per stage."})
-    vision: str | None = field(default=None, metadata={"help": "Vision encoder (Hub id or folder); default: EfficientNet-Lite0."})
-    text: str | None = field(default=None, metadata={"help": "Causal LM (Hub id or folder); default: SmolLM2-135M-Instruct."})
+    vision: str | None = field(
+        default=None, metadata={"help": "Vision encoder (Hub id or folder); default: EfficientNet-Lite0."}
+    )
+    text: str | None = field(
+        default=None, metadata={"help": "Causal LM (Hub id or folder); default: SmolLM2-135M-Instruct."}
+    )
     stage1_recipe: str = field(default=str(CONFIGS / "stage1_offline.yaml"))
     stage2_recipe: str = field(default=str(CONFIGS / "stage2_offline.yaml"))
     stage1_samples: int | None = field(default=None, metadata={"help": "Override the recipe's number of captions."})
-    stage2_samples: int | None = field(default=None, metadata={"help": "Override the recipe's number of conversations."})
+    stage2_samples: int | None = field(
+        default=None, metadata={"help": "Override the recipe's number of conversations."}
+    )
     eval_questions: int = field(default=500, metadata={"help": "Size of the fixed held-out test subset."})
-    seed: int | None = field(default=None, metadata={"help": "Override both recipes' training seed (the test subset stays fixed)."})
+    seed: int | None = field(
+        default=None, metadata={"help": "Override both recipes' training seed (the test subset stays fixed)."}
+    )
     bf16: bool = field(default=False, metadata={"help": "Train in bf16 (GPUs; these CPUs have no fast bf16)."})
     threads: int | None = field(default=None, metadata={"help": "torch threads; default: all cores."})
 
@@ -96,8 +104,14 @@ def main(args: DemoArguments) -> dict:
         # A ViT fixes its own input size; the recipe's image_size is for the CNN.
         model_fields = dict(vision_model=vision, text_model=text) | ({"image_size": None} if args.vision else {})
         stage1 = stage_arguments(
-            args.stage1_recipe, (ModelArguments, train_stage1.DataArguments, TrainingArguments), out / "stage1",
-            bf16=args.bf16, **model_fields, **({"max_samples": samples} if samples else {}), **quick, **seed,
+            args.stage1_recipe,
+            (ModelArguments, train_stage1.DataArguments, TrainingArguments),
+            out / "stage1",
+            bf16=args.bf16,
+            **model_fields,
+            **({"max_samples": samples} if samples else {}),
+            **quick,
+            **seed,
         )
         aligned = train_stage1.main(*stage1)
 
@@ -112,15 +126,26 @@ def main(args: DemoArguments) -> dict:
     with clock("stage 2"):
         samples = args.stage2_samples or (16 if args.quick else None)
         stage2 = stage_arguments(
-            args.stage2_recipe, (ModelArguments, train_stage2.DataArguments, train_stage2.TuningArguments, SFTConfig), out / "stage2",
-            model_name_or_path=str(out / "stage1"), bf16=args.bf16, **({"max_samples": samples} if samples else {}), **quick, **seed,
+            args.stage2_recipe,
+            (ModelArguments, train_stage2.DataArguments, train_stage2.TuningArguments, SFTConfig),
+            out / "stage2",
+            model_name_or_path=str(out / "stage1"),
+            bf16=args.bf16,
+            **({"max_samples": samples} if samples else {}),
+            **quick,
+            **seed,
         )
         trained = train_stage2.main(*stage2).model
 
     with clock("evaluation"):
         questions = 32 if args.quick else args.eval_questions
         results = run_eval.main(
-            run_eval.EvalArguments(model_name_or_path=str(out / "stage2"), output_dir=str(out / "eval"), limit=questions, cache_vision_features=True)
+            run_eval.EvalArguments(
+                model_name_or_path=str(out / "stage2"),
+                output_dir=str(out / "eval"),
+                limit=questions,
+                cache_vision_features=True,
+            )
         )
 
     with clock("answers and model folder"):
@@ -177,7 +202,14 @@ def save_model_folder(model, processor, target: Path, results: dict, stage1: lis
         model,
         repo_id=target.name,
         datasets=None,
-        eval_results={"dataset": {"name": f"easy-VQA test subset ({results['settings']['num_questions']} questions)", "type": "easy_vqa", "split": "test"}, "metrics": metrics},
+        eval_results={
+            "dataset": {
+                "name": f"easy-VQA test subset ({results['settings']['num_questions']} questions)",
+                "type": "easy_vqa",
+                "split": "test",
+            },
+            "metrics": metrics,
+        },
         training=training,
         license="apache-2.0",
     )

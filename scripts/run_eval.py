@@ -29,8 +29,12 @@ class EvalArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the shuffle that picks the fixed subset."})
     batch_size: int = field(default=16, metadata={"help": "Questions per generate call."})
     max_new_tokens: int = field(default=8, metadata={"help": "Longest answer; easy-VQA answers are one word."})
-    cache_vision_features: bool = field(default=False, metadata={"help": "Read and store the tower's features in the feature cache."})
-    feature_cache_dir: str | None = field(default=None, metadata={"help": "Root of the feature cache; default $HF_VLM_CACHE/vision_features."})
+    cache_vision_features: bool = field(
+        default=False, metadata={"help": "Read and store the tower's features in the feature cache."}
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Root of the feature cache; default $HF_VLM_CACHE/vision_features."}
+    )
 
 
 def main(args: EvalArguments) -> dict:
@@ -41,7 +45,9 @@ def main(args: EvalArguments) -> dict:
 
     dataset = easy_vqa_test_questions(args.limit, args.seed)
     cache = VisionFeatureCache(model, processor, args.feature_cache_dir) if args.cache_vision_features else None
-    results = evaluate_vqa(model, processor, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, feature_cache=cache)
+    results = evaluate_vqa(
+        model, processor, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, feature_cache=cache
+    )
     results["settings"] = {**asdict(args), "split": "test", "num_questions": len(dataset)}
 
     paths = write_reports(results, dataset, args.output_dir)

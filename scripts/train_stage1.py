@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments, set_seed
 from trl import TrlParser
 
-from hf_vlm.cli import ModelArguments, load_vlm
 from hf_vlm.checkpoints import checkpoint_to_resume
+from hf_vlm.cli import ModelArguments, load_vlm
 from hf_vlm.data.collators import DEFAULT_CAPTION_PROMPT, CaptionCollator
 from hf_vlm.data.sources import caption_dataset
 from hf_vlm.data.token_checks import check_token_lengths

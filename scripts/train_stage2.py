@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 from trl import SFTConfig, TrlParser
 
-from hf_vlm.cli import ModelArguments, load_vlm
 from hf_vlm.checkpoints import checkpoint_to_resume
+from hf_vlm.cli import ModelArguments, load_vlm
 from hf_vlm.data.collators import ConversationCollator
 from hf_vlm.data.sources import conversation_dataset
 from hf_vlm.data.token_checks import check_token_lengths

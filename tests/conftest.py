@@ -23,7 +23,7 @@ os.environ.update(
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig, TimmWrapperConfig
+from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig, TimmWrapperConfig  # noqa: E402
 
 from hf_vlm import VLMConfig, VLMForConditionalGeneration  # noqa: E402
 
@@ -31,8 +31,22 @@ VOCAB_SIZE = 128
 IMAGE_TOKEN_ID = 127  # an ordinary id of the tiny vocabulary, reserved for images in the tests
 IMAGE_SIZE = 16
 
-_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=4)
-_LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE)
+_VIT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=IMAGE_SIZE,
+    patch_size=4,
+)
+_LM = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB_SIZE,
+)
 
 VISION_CONFIGS = {
     "siglip": lambda: SiglipVisionConfig(**_VIT),
@@ -46,7 +60,9 @@ TEXT_CONFIGS = {"llama": lambda: LlamaConfig(**_LM), "qwen2": lambda: Qwen2Confi
 
 def tiny_config(vision: str = "siglip", text: str = "llama", **overrides) -> VLMConfig:
     """A VLMConfig over tiny random backbones; `overrides` go to VLMConfig."""
-    kwargs = dict(vision_config=VISION_CONFIGS[vision](), text_config=TEXT_CONFIGS[text](), image_token_id=IMAGE_TOKEN_ID)
+    kwargs = dict(
+        vision_config=VISION_CONFIGS[vision](), text_config=TEXT_CONFIGS[text](), image_token_id=IMAGE_TOKEN_ID
+    )
     if vision == "timm":
         kwargs.update(TIMM_GEOMETRY)
     kwargs.update(projector_num_tokens=4)
@@ -80,7 +96,9 @@ except ImportError:
     pass
 """
 
-_REMOTE_CHECK = WITHOUT_HF_VLM + """
+_REMOTE_CHECK = (
+    WITHOUT_HF_VLM
+    + """
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -96,6 +114,7 @@ with torch.no_grad():
 assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
 print(type(model).__module__, type(processor).__name__)
 """
+)
 
 
 def check_remote_code(location, model, processor, workdir, env, then: str = "", args=()) -> list[str]:
@@ -110,12 +129,21 @@ def check_remote_code(location, model, processor, workdir, env, then: str = "", 
         torch.save({"inputs": dict(inputs), "logits": model(**inputs).logits}, f"{workdir}/expected.pt")
     result = subprocess.run(
         [sys.executable, "-c", _REMOTE_CHECK + then, str(location), f"{workdir}/expected.pt", *map(str, args)],
-        capture_output=True, text=True, env=env, cwd=workdir, timeout=300, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=workdir,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.splitlines()
 
-CORPUS = ["What is in the image? A red circle. Two blue squares. Is there a green triangle? yes no", "user assistant system"]
+
+CORPUS = [
+    "What is in the image? A red circle. Two blue squares. Is there a green triangle? yes no",
+    "user assistant system",
+]
 
 
 def tiny_tokenizer():
@@ -165,10 +193,18 @@ def backbones(tmp_path_factory):
     # A full dual-encoder checkpoint, as CLIP ships on the Hub; build_vlm keeps its vision half.
     clip_text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
     CLIPModel(CLIPConfig(vision_config=_VIT, text_config=clip_text, projection_dim=16)).save_pretrained(root / "clip")
-    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(root / "clip")
+    CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    ).save_pretrained(root / "clip")
     # timm keeps its preprocessing in config.json's pretrained_cfg, which TimmWrapperImageProcessor reads.
     timm_config = VISION_CONFIGS["timm"]()
-    timm_config.pretrained_cfg = {"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+    timm_config.pretrained_cfg = {
+        "input_size": [3, IMAGE_SIZE, IMAGE_SIZE],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
     TimmWrapperModel(timm_config).save_pretrained(root / "timm")
     return {path.name: str(path) for path in root.iterdir()}
 

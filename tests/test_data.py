@@ -23,10 +23,10 @@ from hf_vlm.data import (
     load_image,
     load_llava_instruct,
     load_llava_pretrain,
+    synthetic,
     synthetic_captions,
     to_rgb,
 )
-from hf_vlm.data import synthetic
 from hf_vlm.data.easy_vqa import labels_from_pixels, labels_from_questions
 from hf_vlm.data.synthetic import COLORS as SYNTHETIC_COLORS
 
@@ -129,7 +129,19 @@ def test_easy_vqa_caption_templates_depend_on_the_seed_only(easy_vqa):
 
 def facts(caption: str) -> list[str]:
     """The easy-VQA shape and colour words of a caption, in order."""
-    vocabulary = {"circle", "rectangle", "triangle", "red", "green", "blue", "yellow", "teal", "brown", "gray", "black"}
+    vocabulary = {
+        "circle",
+        "rectangle",
+        "triangle",
+        "red",
+        "green",
+        "blue",
+        "yellow",
+        "teal",
+        "brown",
+        "gray",
+        "black",
+    }
     return [word for word in re.findall(r"[a-z]+", caption.lower()) if word in vocabulary]
 
 
@@ -500,7 +512,9 @@ def test_easy_vqa_balanced_hides_yes_no_answers_from_the_wording():
     templates = {template for template, _ in counts}
     assert len(templates) == 16 and all(counts[t, "yes"] == counts[t, "no"] > 0 for t in templates)
     open_types = ("color", "shape")
-    assert collections.Counter(t for t in balanced["question_type"] if t in open_types) == collections.Counter(t for t in full["question_type"] if t in open_types)
+    assert collections.Counter(t for t in balanced["question_type"] if t in open_types) == collections.Counter(
+        t for t in full["question_type"] if t in open_types
+    )
     assert len(set(balanced["id"])) == len(balanced) and easy_vqa_balanced("train", seed=1)["id"] != balanced["id"]
     assert question_template("Is there a red shape in the image?") == "is there a C shape in the image"
 
@@ -512,7 +526,13 @@ def test_easy_vqa_balanced_is_the_same_in_every_process():
 
     script = "from hf_vlm.data import easy_vqa_balanced; print(easy_vqa_balanced('train', seed=0)['id'][:50])"
     outputs = {
-        subprocess.run([sys.executable, "-c", script], env={**__import__("os").environ, "PYTHONHASHSEED": hash_seed}, capture_output=True, text=True, check=True).stdout
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**__import__("os").environ, "PYTHONHASHSEED": hash_seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         for hash_seed in ("1", "2")
     }
     assert len(outputs) == 1

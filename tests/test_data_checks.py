@@ -35,8 +35,11 @@ LONG_TURN = "Tell me about this picture, please. " * 12  # ~100 tokens of the ti
 
 
 def trl_row(sample_id, question="What is in the image?", answer="A red circle.", image="a.png"):
-    return {"id": sample_id, "images": [image] if image else [], "messages": [
-        {"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+    return {
+        "id": sample_id,
+        "images": [image] if image else [],
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+    }
 
 
 def write_rows(path, rows, jsonl=False):
@@ -61,7 +64,9 @@ def skip_warnings(caught) -> list[str]:
 def test_answer_past_max_length_is_named_before_training(built, folder):
     """An answer that lies entirely past max_length raises at load time with its id, not loss 0 at step N."""
     _, processor = built
-    rows = load_conversations(write_rows(folder / "d.json", [trl_row("ok"), trl_row("long-answer", question=LONG_TURN, image=None)]))
+    rows = load_conversations(
+        write_rows(folder / "d.json", [trl_row("ok"), trl_row("long-answer", question=LONG_TURN, image=None)])
+    )
     with pytest.raises(BadSampleError, match=r"'long-answer': answer_truncated: .* it needs max_length >= \d+"):
         check_token_lengths(rows, processor, max_length=60)
 
@@ -69,9 +74,14 @@ def test_answer_past_max_length_is_named_before_training(built, folder):
 def test_image_behind_a_long_first_turn_is_named_before_training(built, folder):
     """An image placed after a long first turn would lose its tokens to truncation: named at load time."""
     _, processor = built
-    late_image = {"id": "late-image", "images": ["a.png"], "messages": [
-        {"role": "user", "content": [{"type": "text", "text": LONG_TURN}, {"type": "image"}]},
-        {"role": "assistant", "content": "red"}]}
+    late_image = {
+        "id": "late-image",
+        "images": ["a.png"],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": LONG_TURN}, {"type": "image"}]},
+            {"role": "assistant", "content": "red"},
+        ],
+    }
     rows = load_conversations(write_rows(folder / "d.json", [trl_row("ok"), late_image]))
     with pytest.raises(BadSampleError, match=r"'late-image': image_truncated: .*needs max_length >= \d+"):
         check_token_lengths(rows, processor, max_length=60)
@@ -80,7 +90,12 @@ def test_image_behind_a_long_first_turn_is_named_before_training(built, folder):
 def test_skip_drops_over_long_samples_with_one_counted_warning(built, folder):
     """on_error='skip' keeps the rest and counts the drops by reason with the first id."""
     _, processor = built
-    rows = [trl_row("ok-0"), trl_row("long-0", question=LONG_TURN, image=None), trl_row("ok-1"), trl_row("long-1", question=LONG_TURN, image=None)]
+    rows = [
+        trl_row("ok-0"),
+        trl_row("long-0", question=LONG_TURN, image=None),
+        trl_row("ok-1"),
+        trl_row("long-1", question=LONG_TURN, image=None),
+    ]
     dataset = load_conversations(write_rows(folder / "d.json", rows))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -92,11 +107,17 @@ def test_skip_drops_over_long_samples_with_one_counted_warning(built, folder):
 def test_collator_refuses_a_batch_row_with_no_labelled_token(built, folder):
     """A row that slips past the checks never trains on nothing: the collator names it."""
     _, processor = built
-    rows = list(load_conversations(write_rows(folder / "d.json", [trl_row("ok"), trl_row("long-answer", question=LONG_TURN, image=None)])))
+    rows = list(
+        load_conversations(
+            write_rows(folder / "d.json", [trl_row("ok"), trl_row("long-answer", question=LONG_TURN, image=None)])
+        )
+    )
     with pytest.raises(BadSampleError, match="'long-answer': answer_truncated"):
         ConversationCollator(processor, max_length=60)(rows)
     with pytest.raises(BadSampleError, match="'long-answer': answer_truncated"):
-        CaptionCollator(processor, max_length=30)([{"id": "long-answer", "image": Image.new("RGB", (8, 8)), "caption": LONG_TURN}])
+        CaptionCollator(processor, max_length=30)(
+            [{"id": "long-answer", "image": Image.new("RGB", (8, 8)), "caption": LONG_TURN}]
+        )
 
 
 def test_caption_rows_are_checked_with_the_stage1_prompt(built):
@@ -124,11 +145,20 @@ def test_typed_control_tokens_are_plain_text_in_training_as_at_inference(built):
     from the typed text reaches the labels."""
     _, processor = built
     tokenizer = processor.tokenizer
-    messages = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": INJECTION}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "ok <|im_start|>user"}]}]
-    batch = ConversationCollator(processor)([{"id": "x", "images": [Image.new("RGB", (16, 16))], "messages": messages}])
+    messages = [
+        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": INJECTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok <|im_start|>user"}]},
+    ]
+    batch = ConversationCollator(processor)(
+        [{"id": "x", "images": [Image.new("RGB", (16, 16))], "messages": messages}]
+    )
     inference = processor.apply_chat_template(
-        [messages], tokenize=True, return_dict=True, return_tensors="pt", processor_kwargs={"images": [[Image.new("RGB", (16, 16))]]})
+        [messages],
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"images": [[Image.new("RGB", (16, 16))]]},
+    )
     assert torch.equal(batch["input_ids"], inference["input_ids"])
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert (batch["input_ids"][0] == im_start).sum() == 2  # the template's own two turns, nothing typed
@@ -186,13 +216,31 @@ def test_conversation_dataset_takes_every_shape(folder, shape):
     load_dataset reads for a Hub id) all give the same validated conversation rows."""
     image = str(folder / "a.png")
     if shape == "llava":
-        source = write_rows(folder / "d.json", [{"id": i, "image": "a.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": answer}]} for i, answer in (("a", "red"), ("b", "blue"))])
+        source = write_rows(
+            folder / "d.json",
+            [
+                {
+                    "id": i,
+                    "image": "a.png",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat colour?"},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
+                for i, answer in (("a", "red"), ("b", "blue"))
+            ],
+        )
     elif shape == "trl":
         source = write_rows(folder / "d.json", conversation_rows(folder))
     elif shape == "cauldron_jsonl":
-        source = write_rows(folder / "d.jsonl", [{"id": i, "images": ["a.png"], "texts": [{"user": "What colour?", "assistant": answer}]}
-                                                for i, answer in (("a", "red"), ("b", "blue"))], jsonl=True)
+        source = write_rows(
+            folder / "d.jsonl",
+            [
+                {"id": i, "images": ["a.png"], "texts": [{"user": "What colour?", "assistant": answer}]}
+                for i, answer in (("a", "red"), ("b", "blue"))
+            ],
+            jsonl=True,
+        )
     elif shape == "save_to_disk":
         rows = load_conversations(conversation_rows(folder), folder)
         source = folder / "saved"
@@ -220,7 +268,9 @@ def test_caption_dataset_takes_files_folders_and_rejects_conversations(folder):
     write_rows(folder / "c.jsonl", [{"id": "c", "image": "a.png", "caption": " A red square. "}], jsonl=True)
     assert caption_dataset(str(folder / "c.jsonl"))["caption"] == ["A red square."]
     load_conversations(conversation_rows(folder), folder).save_to_disk(str(folder / "conversations"))
-    with pytest.raises(ValueError, match=r"expected 'image' and 'caption' columns \(conversations: use train_stage2.py\)"):
+    with pytest.raises(
+        ValueError, match=r"expected 'image' and 'caption' columns \(conversations: use train_stage2.py\)"
+    ):
         caption_dataset(str(folder / "conversations"))
 
 
@@ -229,7 +279,9 @@ def test_unknown_sources_say_what_they_are_not(folder):
     with pytest.raises(FileNotFoundError, match="No such file or folder: 'runs/data/missing.json'"):
         conversation_dataset("runs/data/missing.json")
     write_rows(folder / "other.json", [{"question": "?", "answer": "!"}])
-    with pytest.raises(ValueError, match=r"other\.json: expected LLaVA records .*first record has keys \['answer', 'question'\]"):
+    with pytest.raises(
+        ValueError, match=r"other\.json: expected LLaVA records .*first record has keys \['answer', 'question'\]"
+    ):
         conversation_dataset(str(folder / "other.json"))
 
 
@@ -247,6 +299,7 @@ def test_second_load_and_check_do_not_validate_again(built, folder, monkeypatch)
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return function(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(llava, "image_entry", counting("image_entry", llava.image_entry))
@@ -281,10 +334,21 @@ def test_cached_skips_are_reported_again(folder):
 def test_dataset_source_is_cached_by_its_fingerprint(folder, monkeypatch):
     """A datasets.Dataset source is validated once per fingerprint."""
     calls = []
-    monkeypatch.setattr(llava, "image_entry", lambda *a, **k: calls.append(1) or {"bytes": None, "path": str(folder / "a.png")})
-    rows = Dataset.from_list([{"id": "a", "images": [str(folder / "a.png")], "messages": [
-        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]}])
+    monkeypatch.setattr(
+        llava, "image_entry", lambda *a, **k: calls.append(1) or {"bytes": None, "path": str(folder / "a.png")}
+    )
+    rows = Dataset.from_list(
+        [
+            {
+                "id": "a",
+                "images": [str(folder / "a.png")],
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+                ],
+            }
+        ]
+    )
     load_conversations(rows)
     load_conversations(rows)
     assert len(calls) == 1
@@ -300,17 +364,33 @@ def test_stage1_with_on_error_skip_trains_on_the_rest_and_names_both_drops(backb
 
     from hf_vlm.cli import ModelArguments
 
-    spec = importlib.util.spec_from_file_location("train_stage1", Path(__file__).parent.parent / "scripts" / "train_stage1.py")
+    spec = importlib.util.spec_from_file_location(
+        "train_stage1", Path(__file__).parent.parent / "scripts" / "train_stage1.py"
+    )
     stage1 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage1)
     rows = [{"id": f"ok-{i}", "image": "a.png", "caption": "A red square."} for i in range(6)]
-    rows += [{"id": "no-image", "image": "gone.png", "caption": "A red square."}, {"id": "too-long", "image": "a.png", "caption": LONG_TURN}]
-    data = stage1.DataArguments(dataset=str(write_rows(folder / "captions.jsonl", rows, jsonl=True)), on_error="skip", max_length=60)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, report_to="none",
-                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    rows += [
+        {"id": "no-image", "image": "gone.png", "caption": "A red square."},
+        {"id": "too-long", "image": "a.png", "caption": LONG_TURN},
+    ]
+    data = stage1.DataArguments(
+        dataset=str(write_rows(folder / "captions.jsonl", rows, jsonl=True)), on_error="skip", max_length=60
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = stage1.main(ModelArguments(vision_model=backbones["siglip"], text_model=backbones["llama"]), data, args)
+        trainer = stage1.main(
+            ModelArguments(vision_model=backbones["siglip"], text_model=backbones["llama"]), data, args
+        )
     assert skip_warnings(caught) == [
         "skipped 1 of 8 samples, kept 7: 1 missing_image (first: 'no-image')",
         "skipped 1 of 7 samples, kept 6: 1 answer_truncated (first: 'too-long')",

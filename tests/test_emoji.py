@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hf_vlm.data import CAPTION_FEATURES
 from hf_vlm.offline import assets
 from hf_vlm.offline.assets import AssetFetchError
-from hf_vlm.data import CAPTION_FEATURES
 from hf_vlm.offline.emoji import CAPTION_TEMPLATES, PACKAGE, VERSION, display_name, emoji_captions
 
 # Listed out of `sort_order`, so the test sees rows sorted; GHOST has no Google image.

@@ -151,7 +151,14 @@ def test_caption_accuracy_counts_colour_and_shape_words(built, monkeypatch):
 
     captions = easy_vqa_captions("test").select(range(3))
     truths = captions["caption"]
-    monkeypatch.setattr(evaluation, "generate_answers", lambda *args, **kwargs: [truths[0], "a blue red thing", "nothing"])
+    monkeypatch.setattr(
+        evaluation, "generate_answers", lambda *args, **kwargs: [truths[0], "a blue red thing", "nothing"]
+    )
     scores = evaluation.easy_vqa_caption_accuracy(*built, captions)
     # Only the first names its image's colour and shape; two colours, or none, is wrong.
-    assert scores == {"n": 3, "color": pytest.approx(1 / 3), "shape": pytest.approx(1 / 3), "both": pytest.approx(1 / 3)}
+    assert scores == {
+        "n": 3,
+        "color": pytest.approx(1 / 3),
+        "shape": pytest.approx(1 / 3),
+        "both": pytest.approx(1 / 3),
+    }

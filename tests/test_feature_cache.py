@@ -13,7 +13,10 @@ from hf_vlm.feature_cache import VisionFeatureCache, dataset_images, prepare_fea
 
 def pictures(count: int, seed: int = 0) -> list[Image.Image]:
     generator = torch.Generator().manual_seed(seed)
-    return [Image.fromarray(torch.randint(0, 256, (20, 24, 3), generator=generator, dtype=torch.uint8).numpy()) for _ in range(count)]
+    return [
+        Image.fromarray(torch.randint(0, 256, (20, 24, 3), generator=generator, dtype=torch.uint8).numpy())
+        for _ in range(count)
+    ]
 
 
 @pytest.fixture
@@ -87,7 +90,9 @@ def test_each_part_of_the_key_changed_encodes_afresh(backbones, siglip, tmp_path
     assert timm_16[0].config.image_size != timm_32[0].config.image_size
     assert key_of(*timm_16, tmp_path) != key_of(*timm_32, tmp_path)
     timm_key = key_of(*timm_16, tmp_path)
-    running_mean = next(b for name, b in timm_16[0].model.vision_tower.named_buffers() if name.endswith("running_mean"))
+    running_mean = next(
+        b for name, b in timm_16[0].model.vision_tower.named_buffers() if name.endswith("running_mean")
+    )
     running_mean += 1e-3  # BatchNorm statistics: a buffer, not a weight
     assert key_of(*timm_16, tmp_path) != timm_key
 
@@ -129,7 +134,10 @@ def test_collators_give_vision_features_with_the_loss_of_pixels(siglip, tmp_path
     rows = [{"image": image, "caption": f"A red circle {i}."} for i, image in enumerate(pictures(3))]
     cache = VisionFeatureCache(model, processor, tmp_path)
     cache.encode(row["image"] for row in rows)
-    for collator_class, data in [(CaptionCollator, rows), (ConversationCollator, [caption_to_conversation(row) for row in rows])]:
+    for collator_class, data in [
+        (CaptionCollator, rows),
+        (ConversationCollator, [caption_to_conversation(row) for row in rows]),
+    ]:
         plain, cached = collator_class(processor)(data), collator_class(processor, feature_cache=cache)(data)
         assert "pixel_values" not in cached and cached["vision_features"].shape[0] == 3
         assert torch.equal(plain["input_ids"], cached["input_ids"]) and torch.equal(plain["labels"], cached["labels"])
@@ -160,5 +168,8 @@ def test_a_saved_and_reloaded_model_finds_the_same_cache(siglip, tmp_path):
     model, processor = siglip
     model.save_pretrained(tmp_path / "folder")
     processor.save_pretrained(tmp_path / "folder")
-    reloaded = VLMForConditionalGeneration.from_pretrained(tmp_path / "folder"), AutoProcessor.from_pretrained(tmp_path / "folder")
+    reloaded = (
+        VLMForConditionalGeneration.from_pretrained(tmp_path / "folder"),
+        AutoProcessor.from_pretrained(tmp_path / "folder"),
+    )
     assert key_of(*reloaded, tmp_path) == key_of(model, processor, tmp_path)

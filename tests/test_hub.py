@@ -15,8 +15,8 @@ from pathlib import Path
 import huggingface_hub.constants
 import numpy as np
 import pytest
-from conftest import check_remote_code
 import torch
+from conftest import check_remote_code
 from datasets import Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
@@ -29,8 +29,10 @@ from hf_vlm.data.sources import caption_dataset, conversation_dataset
 from hf_vlm.hub import model_card, push
 
 REPO = "user/tiny-vlm"
-REPORT = {"dataset": {"name": "easy-VQA test subset", "type": "easy_vqa", "split": "test"},
-          "metrics": {"vqa_accuracy": 0.816, "accuracy_color": 0.689}}
+REPORT = {
+    "dataset": {"name": "easy-VQA test subset", "type": "easy_vqa", "split": "test"},
+    "metrics": {"vqa_accuracy": 0.816, "accuracy_color": 0.689},
+}
 SHIPPED_CODE = {"configuration_vlm.py", "modeling_vlm.py", "projectors.py", "processing_vlm.py"}
 
 
@@ -92,8 +94,15 @@ def test_model_card_carries_hub_metadata(hub, built):
     model, processor = built
     named = copy.deepcopy(model)
     named.config.vision_config._name_or_path, named.config.text_config._name_or_path = "org/vision", "org/text"
-    push(named, processor, REPO, datasets=["user/tiny-captions"], eval_results=REPORT, license="apache-2.0",
-         training="Stage 1 trains the projector on captions.")
+    push(
+        named,
+        processor,
+        REPO,
+        datasets=["user/tiny-captions"],
+        eval_results=REPORT,
+        license="apache-2.0",
+        training="Stage 1 trains the projector on captions.",
+    )
 
     card = ModelCard.load(REPO)
     assert card.data.pipeline_tag == "image-text-to-text" and card.data.library_name == "transformers"
@@ -196,8 +205,12 @@ def test_copy_left_by_a_killed_push_goes_with_the_next_push(hub, built, tmp_path
     monkeypatch.setenv("HF_VLM_CACHE", str(tmp_path / "cache"))
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_PUSH), str(tmp_path / "model"), REPO],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(KILLED_PUSH), str(tmp_path / "model"), REPO],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == -9, result.stderr[-3000:]
     (left,) = push_copies(tmp_path / "cache")
     assert (tmp_path / "cache" / "push-tmp" / left / "model.safetensors").exists()
@@ -217,7 +230,9 @@ def test_pushed_config_names_hub_backbones_not_local_folders(hub, built, backbon
     assert config["text_config"].get("_name_or_path", "") == ""  # "" is the default, left out
     assert str(Path(backbones["llama"]).parent) not in json.dumps(config)
     assert named.config.text_config._name_or_path == backbones["llama"]  # the model in memory is unchanged
-    assert model_card(VLMForConditionalGeneration.from_pretrained(REPO), repo_id=REPO).data.base_model == ["org/vision"]
+    assert model_card(VLMForConditionalGeneration.from_pretrained(REPO), repo_id=REPO).data.base_model == [
+        "org/vision"
+    ]
 
 
 def tiny_images(count: int) -> list[Image.Image]:

@@ -13,13 +13,17 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hub_fixture import hub  # noqa: F401  (the fixture)
-
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -115,11 +119,16 @@ def test_commit_with_missing_lfs_object_is_rejected(hub):
     api = HfApi()
     api.create_repo("user/atomic")
     head = api.repo_info("user/atomic").sha
-    lines = [{"key": "header", "value": {"summary": "broken"}},
-             {"key": "file", "value": {"path": "a.txt", "content": "YQ==", "encoding": "base64"}},
-             {"key": "lfsFile", "value": {"path": "big.bin", "algo": "sha256", "oid": "0" * 64, "size": 3}}]
-    request = urllib.request.Request(f"{hub.url}/api/models/user/atomic/commit/main", method="POST",
-                                     data=b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    lines = [
+        {"key": "header", "value": {"summary": "broken"}},
+        {"key": "file", "value": {"path": "a.txt", "content": "YQ==", "encoding": "base64"}},
+        {"key": "lfsFile", "value": {"path": "big.bin", "algo": "sha256", "oid": "0" * 64, "size": 3}},
+    ]
+    request = urllib.request.Request(
+        f"{hub.url}/api/models/user/atomic/commit/main",
+        method="POST",
+        data=b"".join(json.dumps(line).encode() + b"\n" for line in lines),
+    )
     with pytest.raises(urllib.error.HTTPError) as excinfo:
         urllib.request.urlopen(request)
     assert excinfo.value.code == 400 and "big.bin" in excinfo.value.read().decode()

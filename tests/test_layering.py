@@ -49,7 +49,9 @@ def test_no_module_outside_offline_imports_it_at_top_level():
     """Only hf_vlm.offline imports hf_vlm.offline at module level (data/sources imports it inside the `emoji`
     branch, when a user names that source)."""
     offenders = {
-        str(path.relative_to(PACKAGE)): sorted(name for name in top_level_imports(path) if name.startswith("hf_vlm.offline"))
+        str(path.relative_to(PACKAGE)): sorted(
+            name for name in top_level_imports(path) if name.startswith("hf_vlm.offline")
+        )
         for path in PACKAGE.rglob("*.py")
         if "offline" not in path.parts
     }

@@ -57,8 +57,12 @@ def test_path_of_unknown_metric_lists_the_known_ones():
 def test_metrics_init_imports_only_the_standard_library():
     """metrics/__init__.py stays light: no torch, no evaluate, no other hf_vlm module."""
     tree = ast.parse(Path(hf_vlm.metrics.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0
+    }
     assert not any(isinstance(node, ast.ImportFrom) and node.level > 0 for node in ast.walk(tree))
     assert imported and imported <= sys.stdlib_module_names
 

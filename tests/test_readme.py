@@ -61,11 +61,19 @@ def test_readme_python_block_runs(source, backbones, built, tmp_path, request):
     (tmp_path / "block.py").write_text(source)
 
     result = subprocess.run(
-        [sys.executable, "block.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+        [sys.executable, "block.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, f"{source}\n{result.stderr[-3000:]}"
     if hub:
-        assert [m for m, path, _ in hub.server.log if m == "POST" and "/commit/" in path], "nothing reached the loopback Hub"
+        assert [m for m, path, _ in hub.server.log if m == "POST" and "/commit/" in path], (
+            "nothing reached the loopback Hub"
+        )
 
 
 def test_vlm_config_docstring_example_passes():

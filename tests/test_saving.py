@@ -18,15 +18,18 @@ from safetensors.torch import load_file
 from test_training import SCRIPTS, run_stage2
 from transformers import Trainer, TrainingArguments
 
-from hf_vlm import VLMForConditionalGeneration
-from hf_vlm import saving
+from hf_vlm import VLMForConditionalGeneration, saving
 from hf_vlm.saving import recover, replacing, scratch_folder
 from hf_vlm.training import save_run
 
 
 def contents(folder: Path) -> dict[str, str]:
     """Every file under `folder`, subfolders included: relative path -> sha256."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def siblings(folder: Path) -> list[str]:
@@ -35,7 +38,9 @@ def siblings(folder: Path) -> list[str]:
 
 
 def run(script: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def old_folder(root: Path) -> Path:
@@ -58,7 +63,10 @@ def test_replacing_swaps_in_the_new_files_and_keeps_subfolders(tmp_path):
         assert staging.parent == folder.parent and contents(folder)["weights"]  # the old folder is untouched meanwhile
         (staging / "weights").write_text("new weights")
     assert {name: (folder / name).read_text() for name in contents(folder)} == {
-        "weights": "new weights", "checkpoint-1/state": "step 1", "checkpoint-2/state": "step 2"}
+        "weights": "new weights",
+        "checkpoint-1/state": "step 1",
+        "checkpoint-2/state": "step 2",
+    }
     assert siblings(folder) == [] and folder.stat().st_mode & 0o777 == 0o750
 
     link = tmp_path / "link"  # a symlinked run folder is replaced where it lies
@@ -69,10 +77,14 @@ def test_replacing_swaps_in_the_new_files_and_keeps_subfolders(tmp_path):
 
     with replacing(tmp_path / "new" / "folder") as staging:  # a folder that does not exist yet
         (staging / "weights").write_text("first")
-    assert (tmp_path / "new" / "folder" / "weights").read_text() == "first" and siblings(tmp_path / "new" / "folder") == []
+    assert (tmp_path / "new" / "folder" / "weights").read_text() == "first" and siblings(
+        tmp_path / "new" / "folder"
+    ) == []
 
 
-@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["exception", "KeyboardInterrupt"])
+@pytest.mark.parametrize(
+    "error", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["exception", "KeyboardInterrupt"]
+)
 def test_an_error_while_writing_leaves_the_old_folder_and_no_staging(tmp_path, error):
     """An exception or Ctrl-C inside the block leaves the old folder byte for byte, and no staging folder."""
     folder = old_folder(tmp_path)
@@ -106,7 +118,9 @@ save_run(trainer, processor, target)
 
 
 def trainer_for(model, output_dir: Path) -> Trainer:
-    return Trainer(model=copy.deepcopy(model), args=TrainingArguments(output_dir=str(output_dir), use_cpu=True, report_to="none"))
+    return Trainer(
+        model=copy.deepcopy(model), args=TrainingArguments(output_dir=str(output_dir), use_cpu=True, report_to="none")
+    )
 
 
 def test_save_run_killed_inside_save_pretrained_leaves_the_old_folder_and_the_next_save_cleans_up(built, tmp_path):
@@ -131,7 +145,9 @@ def test_save_run_killed_inside_save_pretrained_leaves_the_old_folder_and_the_ne
     assert siblings(target) == []
     assert set(contents(target)) == set(before)  # the same files, checkpoint-3 included
     saved = load_file(target / "model.safetensors")
-    projector = {f"model.multi_modal_projector.{name}": p for name, p in changed.model.multi_modal_projector.named_parameters()}
+    projector = {
+        f"model.multi_modal_projector.{name}": p for name, p in changed.model.multi_modal_projector.named_parameters()
+    }
     assert projector and all(torch.equal(saved[name], parameter) for name, parameter in projector.items())
 
 
@@ -172,7 +188,9 @@ def test_a_kill_during_the_swap_is_repaired_by_the_next_save(tmp_path, kill_at):
     else:
         assert (folder / "weights").read_text() == "new weights" and len(siblings(folder)) == 1
         recover(folder)
-        assert {"weights", "checkpoint-1/state", "checkpoint-2/state"} == set(contents(folder)) and siblings(folder) == []
+        assert {"weights", "checkpoint-1/state", "checkpoint-2/state"} == set(contents(folder)) and siblings(
+            folder
+        ) == []
 
     with replacing(folder) as staging:
         (staging / "weights").write_text("newer weights")
@@ -190,15 +208,29 @@ def test_replacing_carries_over_the_users_files_and_drops_stale_model_files(tmp_
     (folder / "notes.txt").write_text("my notes")
     (folder / "train_results.json").write_text("{}")
     (folder / "config.json").write_text("old config")
-    for stale in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-                  "old_projector.py", "tokenizer.json", "loss.png"]:
+    for stale in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "old_projector.py",
+        "tokenizer.json",
+        "loss.png",
+    ]:
         (folder / stale).write_text("stale")
     with replacing(folder) as staging:
         (staging / "model.safetensors").write_text("new weights")
         (staging / "config.json").write_text("new config")
     assert sorted(p.name for p in folder.iterdir()) == [
-        "checkpoint-1", "checkpoint-2", "config.json", "data", "latest", "model.safetensors", "notes.txt", "train_results.json",
-        "weights"]  # `weights` is no model file's name: it is the user's
+        "checkpoint-1",
+        "checkpoint-2",
+        "config.json",
+        "data",
+        "latest",
+        "model.safetensors",
+        "notes.txt",
+        "train_results.json",
+        "weights",
+    ]  # `weights` is no model file's name: it is the user's
     assert (folder / "data").is_symlink() and (folder / "data").resolve() == tmp_path / "disk"
     assert (folder / "latest").is_symlink() and (folder / "latest" / "state").read_text() == "step 2"
     assert (folder / "notes.txt").read_text() == "my notes" and (folder / "config.json").read_text() == "new config"
@@ -249,7 +281,9 @@ def test_the_swap_is_refused_exactly_where_renaming_would_break(tmp_path, monkey
     folder = old_folder(tmp_path)
     assert saving._cannot_swap(folder) is None
     monkeypatch.chdir(folder / "checkpoint-1")
-    assert saving._cannot_swap(folder) == saving._cannot_swap(folder / "checkpoint-1") == "it holds the working directory"
+    assert (
+        saving._cannot_swap(folder) == saving._cannot_swap(folder / "checkpoint-1") == "it holds the working directory"
+    )
     monkeypatch.chdir(tmp_path.parent)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path and real_access(path, mode))
@@ -296,8 +330,10 @@ def test_leftovers_whose_lock_a_live_process_holds_are_left_alone(tmp_path):
     copy_in_use = tmp_path / "scratch" / "3f2a9c1d7e6b-1-abcd1234"
     for path in [running, copy_in_use]:
         path.mkdir(parents=True)
-    holders = [subprocess.Popen([sys.executable, "-c", HOLDS_LOCK, str(path)], stdout=subprocess.PIPE, text=True)
-               for path in [running, copy_in_use]]
+    holders = [
+        subprocess.Popen([sys.executable, "-c", HOLDS_LOCK, str(path)], stdout=subprocess.PIPE, text=True)
+        for path in [running, copy_in_use]
+    ]
     try:
         assert [holder.stdout.readline() for holder in holders] == ["locked\n", "locked\n"]
         with replacing(folder) as staging:
@@ -351,9 +387,14 @@ def test_without_locks_leftovers_are_known_by_host_and_pid(tmp_path, monkeypatch
     monkeypatch.setattr(saving, "fcntl", None)
     folder = old_folder(tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    names = {state: f".run.saving-{host}-{pid}-abcd1234" for state, host, pid in [
-        ("dead", socket.gethostname(), int(dead.stdout)), ("running", socket.gethostname(), os.getppid()),
-        ("elsewhere", "3f2a9c1d7e6b", int(dead.stdout))]}
+    names = {
+        state: f".run.saving-{host}-{pid}-abcd1234"
+        for state, host, pid in [
+            ("dead", socket.gethostname(), int(dead.stdout)),
+            ("running", socket.gethostname(), os.getppid()),
+            ("elsewhere", "3f2a9c1d7e6b", int(dead.stdout)),
+        ]
+    }
     for name in names.values():
         (folder.parent / name).mkdir()
     with replacing(folder) as staging:
@@ -377,7 +418,9 @@ def test_demo_model_folder_is_replaced_whole(built, tmp_path, monkeypatch):
     (target / "notes.txt").write_text("the user's")
     (target / "model-00001-of-00002.safetensors").write_text("from an earlier run")
     demo.save_model_folder(model, processor, target, results, stage1, stage2)
-    assert {"README.md", "model.safetensors", "config.json", "processor_config.json", "notes.txt"} <= set(contents(target))
+    assert {"README.md", "model.safetensors", "config.json", "processor_config.json", "notes.txt"} <= set(
+        contents(target)
+    )
     assert "model-00001-of-00002.safetensors" not in contents(target) and siblings(target) == []
     before = contents(target)
 

@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import check_remote_code
 import torch
+from conftest import check_remote_code
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
@@ -61,7 +61,12 @@ def test_saved_config_has_no_local_paths(saved, backbones):
 
 
 def missing(tmp_path) -> dict[str, str]:
-    return {"absolute": str(tmp_path / "stage1x"), "nested": "runs/demo/stage1x", "dot": "./stage1x", "home": "~/stage1x"}
+    return {
+        "absolute": str(tmp_path / "stage1x"),
+        "nested": "runs/demo/stage1x",
+        "dot": "./stage1x",
+        "home": "~/stage1x",
+    }
 
 
 @pytest.mark.parametrize("kind", ["absolute", "nested", "dot", "home"])
@@ -70,7 +75,9 @@ def test_missing_local_folder_says_no_such_folder(backbones, tmp_path, monkeypat
     """A name that can only be a path and does not exist fails as "no such folder: <path>", before any Hub lookup."""
     monkeypatch.chdir(tmp_path)
     path = missing(tmp_path)[kind]
-    fields = {"model_name_or_path": None, "vision_model": backbones["siglip"], "text_model": backbones["llama"]} | {argument: path}
+    fields = {"model_name_or_path": None, "vision_model": backbones["siglip"], "text_model": backbones["llama"]} | {
+        argument: path
+    }
     with pytest.raises(FileNotFoundError, match=f"{argument}: no such folder: {re.escape(path)}$"):
         load_vlm(ModelArguments(**fields))
 
@@ -78,7 +85,9 @@ def test_missing_local_folder_says_no_such_folder(backbones, tmp_path, monkeypat
 def test_name_that_could_be_a_hub_id_says_no_such_folder_too(monkeypatch, tmp_path):
     """`runs/stage1x` could be a Hub repo, so the Hub is asked; its failure still says that it is no local folder."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(OSError, match="model_name_or_path='runs/stage1x' is not a local folder, and the Hub could not provide it"):
+    with pytest.raises(
+        OSError, match="model_name_or_path='runs/stage1x' is not a local folder, and the Hub could not provide it"
+    ):
         load_vlm(ModelArguments(model_name_or_path="runs/stage1x"))
 
 
@@ -109,12 +118,20 @@ def test_shipped_files_import_only_what_the_hub_has(path):
             if node.level == 0:
                 assert node.module.split(".")[0] in ALLOWED_TOP_LEVEL, f"{path.name}: from {node.module}"
             else:
-                assert node.level == 1 and node.module in siblings, f"{path.name}: from {'.' * node.level}{node.module or ''}"
+                assert node.level == 1 and node.module in siblings, (
+                    f"{path.name}: from {'.' * node.level}{node.module or ''}"
+                )
 
 
 def test_import_guard_catches_bad_imports(tmp_path):
     """The guard above rejects `import hf_vlm`, `from ..x` and `from . import x` (so it can fail)."""
-    for bad in ["import hf_vlm", "from ..modeling import x", "from . import projectors", "from .pkg.mod import x", "import numpy"]:
+    for bad in [
+        "import hf_vlm",
+        "from ..modeling import x",
+        "from . import projectors",
+        "from .pkg.mod import x",
+        "import numpy",
+    ]:
         path = tmp_path / "modeling_vlm.py"
         path.write_text(bad + "\n")
         with pytest.raises(AssertionError):
@@ -126,7 +143,9 @@ def test_build_vlm_from_local_folders_trains_and_generates(backbones, vision, te
     """build_vlm from saved tiny backbones gives a model and processor that agree, train a step and generate."""
     overrides = {"vision_feature_layer": 1} if vision == "timm" else {}
     model, processor = build_vlm(backbones[vision], backbones[text], "pixel_shuffle", **overrides)
-    assert model.config.image_token_id == processor.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (
+        model.config.image_token_id == processor.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
+    )
     assert model.config.image_seq_length == processor.image_seq_length == 4
     assert model.get_input_embeddings().num_embeddings >= len(processor.tokenizer)
 
@@ -135,10 +154,16 @@ def test_build_vlm_from_local_folders_trains_and_generates(backbones, vision, te
         {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
     ]
     batch = processor.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
+        messages,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        return_assistant_tokens_mask=True,
         processor_kwargs={"images": [Image.new("RGB", (30, 30), "red")]},
     )
-    batch["labels"] = hf_vlm.processing.make_labels(batch["input_ids"], batch["attention_mask"], processor.image_token_id, batch.pop("assistant_masks"))
+    batch["labels"] = hf_vlm.processing.make_labels(
+        batch["input_ids"], batch["attention_mask"], processor.image_token_id, batch.pop("assistant_masks")
+    )
     model.model.vision_tower.requires_grad_(False)  # as in both training stages; a frozen CNN keeps its BN statistics
     model.train()
     before = model.model.multi_modal_projector.linear.weight.detach().clone()
@@ -148,7 +173,14 @@ def test_build_vlm_from_local_folders_trains_and_generates(backbones, vision, te
     assert not torch.equal(before, model.model.multi_modal_projector.linear.weight)
 
     model.eval()
-    prompt = processor.apply_chat_template(messages[:1], tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True, processor_kwargs={"images": [Image.new("RGB", (30, 30), "red")]})
+    prompt = processor.apply_chat_template(
+        messages[:1],
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        add_generation_prompt=True,
+        processor_kwargs={"images": [Image.new("RGB", (30, 30), "red")]},
+    )
     generated = model.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
 
@@ -173,7 +205,10 @@ def test_pipeline_answers_an_image_question(built, saved, source):
     model, processor = built
     pipe = pipeline("image-text-to-text", model=model if source == "object" else str(saved), processor=processor)
     image = Image.new("RGB", (12, 12), "green")
-    chat = pipe(text=[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}], max_new_tokens=3)
+    chat = pipe(
+        text=[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}],
+        max_new_tokens=3,
+    )
     assert chat[0]["generated_text"][-1]["role"] == "assistant"
     assert isinstance(chat[0]["generated_text"][-1]["content"], str)
     plain = pipe(images=image, text="<image> What?", max_new_tokens=3)

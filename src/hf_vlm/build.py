@@ -106,7 +106,9 @@ def loading_from(name: str, argument: str):
     except OSError as error:
         if os.path.exists(name):
             raise
-        raise OSError(f"{argument}={name!r} is not a local folder, and the Hub could not provide it: {error}") from error
+        raise OSError(
+            f"{argument}={name!r} is not a local folder, and the Hub could not provide it: {error}"
+        ) from error
 
 
 def _stop_at_end_of_turn(generation_config, tokenizer, end_token: str | None) -> None:
@@ -133,7 +135,10 @@ def _add_token_rows(language_model: PreTrainedModel, vocab_size: int) -> None:
         return
     language_model.resize_token_embeddings(vocab_size, mean_resizing=False)
     with torch.no_grad():
-        matrices = {id(m.weight): m.weight for m in (language_model.get_input_embeddings(), language_model.get_output_embeddings())}
+        matrices = {
+            id(m.weight): m.weight
+            for m in (language_model.get_input_embeddings(), language_model.get_output_embeddings())
+        }
         for weight in matrices.values():
             weight[old_size:] = weight[:old_size].mean(0)
 
@@ -155,7 +160,9 @@ def _fit_image_processor(image_processor, tower: PreTrainedModel, image_size: in
     """
     fixed_size = getattr(tower.config, "image_size", None)
     if fixed_size is not None and image_size not in (None, fixed_size):
-        raise ValueError(f"The vision encoder takes {fixed_size}px images; image_size={image_size} cannot change that.")
+        raise ValueError(
+            f"The vision encoder takes {fixed_size}px images; image_size={image_size} cannot change that."
+        )
     if type(image_processor).__name__ == "TimmWrapperImageProcessor":
         data = image_processor.data_config
         resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}.get(data.get("interpolation"), Image.BICUBIC)
@@ -171,7 +178,9 @@ def _fit_image_processor(image_processor, tower: PreTrainedModel, image_size: in
     produced = image_processor(Image.new("RGB", (37, 23)), return_tensors="pt")["pixel_values"].shape[-2:]
     wanted = fixed_size or image_size or produced[-1]
     if tuple(produced) != (wanted, wanted):
-        raise ValueError(f"The image processor makes {tuple(produced)} images, the vision encoder needs {wanted}x{wanted}.")
+        raise ValueError(
+            f"The image processor makes {tuple(produced)} images, the vision encoder needs {wanted}x{wanted}."
+        )
     return image_processor, wanted
 
 
@@ -180,11 +189,16 @@ def _vision_geometry(tower: PreTrainedModel, image_size: int, vision_feature_lay
     if getattr(tower.config, "patch_size", None) is not None:
         return {}
     with torch.no_grad():
-        outputs = tower(torch.zeros(1, 3, image_size, image_size, dtype=tower.dtype), output_hidden_states=vision_feature_layer is not None)
+        outputs = tower(
+            torch.zeros(1, 3, image_size, image_size, dtype=tower.dtype),
+            output_hidden_states=vision_feature_layer is not None,
+        )
     layers = vision_feature_layer if isinstance(vision_feature_layer, list) else [vision_feature_layer]
     maps = [outputs.last_hidden_state if layer is None else outputs.hidden_states[layer] for layer in layers]
     if len({tuple(m.shape) for m in maps}) != 1 or maps[0].ndim != 4:
-        raise ValueError(f"vision_feature_layer={vision_feature_layer} selects maps of shapes {[tuple(m.shape) for m in maps]}; they must be equal (C, H, W) maps.")
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer} selects maps of shapes {[tuple(m.shape) for m in maps]}; they must be equal (C, H, W) maps."
+        )
     _, channels, height, width = maps[0].shape
     if height != width:
         raise ValueError(f"The vision encoder gives a {height}x{width} feature map; square maps only.")

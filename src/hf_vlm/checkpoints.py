@@ -21,7 +21,13 @@ from transformers.trainer_utils import sort_checkpoints
 # optimizer state in their own files and folders (optimizer.bin, optimizer_0/, pytorch_model_fsdp_0/, global_stepN/),
 # which count by name only: untested here.
 PARTS = {
-    "weights": ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model_fsdp*", "global_step*"),
+    "weights": (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "adapter_model.safetensors",
+        "pytorch_model_fsdp*",
+        "global_step*",
+    ),
     "optimizer": ("optimizer.pt", "optimizer.bin", "optimizer_0", "global_step*"),
     "scheduler": ("scheduler.pt", "global_step*"),
     "RNG state": ("rng_state.pth", "rng_state_*.pth"),  # one file per process under DDP
@@ -56,13 +62,21 @@ def checkpoint_problems(folder: str | Path, save_only_model: bool = False, world
     if not folder.is_dir():
         return [f"{folder} is not a folder"]
     required = ONLY_MODEL_PARTS if save_only_model else PARTS
-    problems = [f"{PARTS[part][0]} is missing" for part in required if not any(any(folder.glob(name)) for name in PARTS[part])]
+    problems = [
+        f"{PARTS[part][0]} is missing" for part in required if not any(any(folder.glob(name)) for name in PARTS[part])
+    ]
     if world_size > 1 and not save_only_model:
-        problems += [f"rng_state_{rank}.pth is missing" for rank in range(world_size) if not (folder / f"rng_state_{rank}.pth").is_file()]
+        problems += [
+            f"rng_state_{rank}.pth is missing"
+            for rank in range(world_size)
+            if not (folder / f"rng_state_{rank}.pth").is_file()
+        ]
     index = folder / "model.safetensors.index.json"
     if index.is_file() and not _unreadable(index):
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        problems += [f"{shard} (listed in {index.name}) is missing" for shard in shards if not (folder / shard).is_file()]
+        problems += [
+            f"{shard} (listed in {index.name}) is missing" for shard in shards if not (folder / shard).is_file()
+        ]
     return problems + [reason for path in sorted(folder.iterdir()) if path.is_file() and (reason := _unreadable(path))]
 
 
@@ -79,7 +93,9 @@ def checkpoint_to_resume(args) -> str | None:
     if text.lower() in ("", "none"):
         return None
     try:
-        wanted = text.lower() == "last" or string_to_bool(text)  # true/false/yes/no/1/0, as HfArgumentParser reads flags
+        wanted = text.lower() == "last" or string_to_bool(
+            text
+        )  # true/false/yes/no/1/0, as HfArgumentParser reads flags
     except ArgumentTypeError:  # not a boolean: a path
         problems = checkpoint_problems(text, args.save_only_model, args.world_size)
         if problems:
@@ -96,7 +112,11 @@ def checkpoint_to_resume(args) -> str | None:
         problems = checkpoint_problems(folder, args.save_only_model, args.world_size)
         if not problems:
             if skipped and args.process_index == 0:
-                print(f"--resume_from_checkpoint {text}: resuming from {folder}, skipping incomplete " + "; ".join(skipped), flush=True)
+                print(
+                    f"--resume_from_checkpoint {text}: resuming from {folder}, skipping incomplete "
+                    + "; ".join(skipped),
+                    flush=True,
+                )
             return folder
         skipped.append(f"{Path(folder).name} ({', '.join(problems)})")
     found = f": {'; '.join(skipped)}" if skipped else ""

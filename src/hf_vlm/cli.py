@@ -17,8 +17,12 @@ from .processing import VLMProcessor
 class ModelArguments:
     """Which VLM to train: an existing folder or Hub id, or a new one composed by `build_vlm`."""
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "A saved hf_vlm model (e.g. stage 1's output)."})
-    vision_model: str | None = field(default=None, metadata={"help": "Vision encoder for a new VLM (Hub id or folder)."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A saved hf_vlm model (e.g. stage 1's output)."}
+    )
+    vision_model: str | None = field(
+        default=None, metadata={"help": "Vision encoder for a new VLM (Hub id or folder)."}
+    )
     text_model: str | None = field(default=None, metadata={"help": "Causal LM for a new VLM (Hub id or folder)."})
     projector_type: str = field(default="mlp", metadata={"help": "A key of hf_vlm.PROJECTORS."})
     image_size: int | None = field(default=None, metadata={"help": "Input pixels for a CNN vision encoder."})
@@ -26,9 +30,12 @@ class ModelArguments:
     projector_num_tokens: int = field(default=64, metadata={"help": "Tokens per image for c_abstractor / resampler."})
     pixel_shuffle_factor: int = field(default=2, metadata={"help": "r for pixel_shuffle."})
     cache_vision_features: bool = field(
-        default=True, metadata={"help": "Encode each image once with the frozen tower and train on the stored features."}
+        default=True,
+        metadata={"help": "Encode each image once with the frozen tower and train on the stored features."},
     )
-    feature_cache_dir: str | None = field(default=None, metadata={"help": "Root of the feature cache; default $HF_VLM_CACHE/vision_features."})
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Root of the feature cache; default $HF_VLM_CACHE/vision_features."}
+    )
 
 
 def load_vlm(args: ModelArguments) -> tuple[VLMForConditionalGeneration, VLMProcessor]:

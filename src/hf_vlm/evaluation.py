@@ -131,7 +131,9 @@ def vqa_metrics(samples: list[dict]) -> dict:
     }
 
 
-def evaluate_vqa(model, processor, dataset, batch_size: int = 16, max_new_tokens: int = 16, feature_cache=None) -> dict:
+def evaluate_vqa(
+    model, processor, dataset, batch_size: int = 16, max_new_tokens: int = 16, feature_cache=None
+) -> dict:
     """Answers with the image and blind, and their VQA accuracy overall and per `question_type`.
 
     Returns `{"metrics": vqa_metrics(samples), "samples": samples}`, one sample per row:
@@ -239,8 +241,16 @@ def plot_samples(samples: list[dict], dataset, path, columns: int = 4) -> None:
         for line, (text, color) in enumerate(lines):
             # parse_math=False: a "$" in generated text is text, not the start of a formula.
             axes.annotate(
-                text, (0.5, 0), xycoords="axes fraction", xytext=(0, -4 - 13 * line), textcoords="offset points",
-                color=color, fontsize=9, ha="center", va="top", parse_math=False,
+                text,
+                (0.5, 0),
+                xycoords="axes fraction",
+                xytext=(0, -4 - 13 * line),
+                textcoords="offset points",
+                color=color,
+                fontsize=9,
+                ha="center",
+                va="top",
+                parse_math=False,
             )
     figure.savefig(path, dpi=100)
 
@@ -256,7 +266,10 @@ def easy_vqa_caption_accuracy(model, processor, captions, batch_size: int = 16, 
     from .data.easy_vqa import COLORS, SHAPES
 
     conversations = captions.map(caption_to_conversation, remove_columns=captions.column_names)
-    generated = generate_answers(model, processor, conversations, batch_size, max_new_tokens=16, feature_cache=feature_cache)
+    generated = generate_answers(
+        model, processor, conversations, batch_size, max_new_tokens=16, feature_cache=feature_cache
+    )
+
     def words(text: str, vocabulary) -> set[str]:
         return {word for word in re.findall(r"[a-z]+", text.lower()) if word in vocabulary}
 

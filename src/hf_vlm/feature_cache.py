@@ -40,7 +40,15 @@ from .paths import cache_root
 CACHE_FORMAT = 1
 SHARD_BYTES = 256 * 2**20  # features held in memory before a shard is written
 # Config entries that name or describe a checkpoint without changing what the tower computes.
-_NOT_IN_KEY = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "id2label", "label2id")
+_NOT_IN_KEY = (
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "id2label",
+    "label2id",
+)
 
 
 def default_cache_dir() -> Path:
@@ -156,7 +164,9 @@ class VisionFeatureCache:
         self._handles[shard] = None  # opened on first read
 
     @torch.inference_mode()
-    def encode(self, images: Iterable[Image.Image], batch_size: int = 32, total: int | None = None, progress: bool = True) -> int:
+    def encode(
+        self, images: Iterable[Image.Image], batch_size: int = 32, total: int | None = None, progress: bool = True
+    ) -> int:
         """Encode and store every image not stored yet (duplicates once); returns how many were encoded.
 
         `images` is streamed: at most `batch_size` images and one shard of features are held in memory.

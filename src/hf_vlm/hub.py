@@ -80,30 +80,39 @@ def model_card(
 
     vision = config.vision_config
     vision_name = getattr(vision, "architecture", None) or vision.model_type  # timm_wrapper names its network
-    parts = [("Vision tower", vision_name, model.model.vision_tower),
-             ("Projector", config.projector_type, model.model.multi_modal_projector),
-             ("Language model", config.text_config.model_type, model.model.language_model)]
+    parts = [
+        ("Vision tower", vision_name, model.model.vision_tower),
+        ("Projector", config.projector_type, model.model.multi_modal_projector),
+        ("Language model", config.text_config.model_type, model.model.language_model),
+    ]
     body = [
         f"# {repo_id.split('/')[-1]}",
         f"A vision-language model built with `hf_vlm`: image -> vision tower (`{vision_name}`) -> projector "
         f"(`{config.projector_type}`) -> language model (`{config.text_config.model_type}`) -> text. Each "
         f"{config.image_size}x{config.image_size} image becomes {config.image_seq_length} tokens in the language "
         "model's input.",
-        "| part | type | parameters |\n|---|---|---|\n" + "\n".join(
+        "| part | type | parameters |\n|---|---|---|\n"
+        + "\n".join(
             f"| {name} | {kind} | {sum(p.numel() for p in module.parameters()):,} |" for name, kind, module in parts
         ),
     ]
     if base_model:
         body.append("Backbones: " + ", ".join(f"[{name}](https://huggingface.co/{name})" for name in base_model) + ".")
-    body += ["## Usage", _usage(repo_id, config.image_size),
-             "The model code (`configuration_vlm.py`, `modeling_vlm.py`, `projectors.py`, `processing_vlm.py`) is "
-             "in this repo, hence `trust_remote_code=True`. With `hf_vlm` installed and imported, the Auto classes "
-             "load it without remote code."]
+    body += [
+        "## Usage",
+        _usage(repo_id, config.image_size),
+        "The model code (`configuration_vlm.py`, `modeling_vlm.py`, `projectors.py`, `processing_vlm.py`) is "
+        "in this repo, hence `trust_remote_code=True`. With `hf_vlm` installed and imported, the Auto classes "
+        "load it without remote code.",
+    ]
     if training:
         body += ["## Training", training.strip()]
     if reports:
-        rows = [f"| {r['dataset']['name']} | {r['dataset'].get('split', '')} | {metric} | {_format(value)} |"
-                for r in reports for metric, value in r["metrics"].items()]
+        rows = [
+            f"| {r['dataset']['name']} | {r['dataset'].get('split', '')} | {metric} | {_format(value)} |"
+            for r in reports
+            for metric, value in r["metrics"].items()
+        ]
         body += ["## Results", "| dataset | split | metric | value |\n|---|---|---|---|\n" + "\n".join(rows)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(body) + "\n")
 
@@ -140,8 +149,9 @@ def push(
         processor.save_pretrained(folder)
         card.save(folder / "README.md")
         with _hub_call(api, repo_id):
-            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                     revision=revision)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision
+            )
 
 
 def _push_copies() -> Path:
@@ -181,9 +191,15 @@ def _is_hub_id(name: str | None) -> bool:
 def _eval_results(report: dict) -> list[EvalResult]:
     dataset = report["dataset"]
     return [
-        EvalResult(task_type=report.get("task", "image-text-to-text"), dataset_type=dataset["type"],
-                   dataset_name=dataset["name"], dataset_split=dataset.get("split"), metric_type=metric,
-                   metric_name=metric, metric_value=value)
+        EvalResult(
+            task_type=report.get("task", "image-text-to-text"),
+            dataset_type=dataset["type"],
+            dataset_name=dataset["name"],
+            dataset_split=dataset.get("split"),
+            metric_type=metric,
+            metric_name=metric,
+            metric_value=value,
+        )
         for metric, value in report["metrics"].items()
     ]
 

@@ -32,7 +32,9 @@ class LearningCurveCallback(TrainerCallback):
         feature_cache: a `VisionFeatureCache` for the questions' images, or None.
     """
 
-    def __init__(self, processor, questions, every_samples: int, output_dir=None, feature_cache=None, batch_size: int = 32):
+    def __init__(
+        self, processor, questions, every_samples: int, output_dir=None, feature_cache=None, batch_size: int = 32
+    ):
         self.processor, self.questions, self.every_samples = processor, questions, every_samples
         self.output_dir = Path(output_dir) if output_dir else None
         self.feature_cache, self.batch_size = feature_cache, batch_size
@@ -40,7 +42,9 @@ class LearningCurveCallback(TrainerCallback):
 
     @staticmethod
     def samples_seen(args, state) -> int:
-        return state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return (
+            state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not self.points:
@@ -60,12 +64,17 @@ class LearningCurveCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         was_training = model.training
-        results = evaluate_vqa(model, self.processor, self.questions, self.batch_size, max_new_tokens=4, feature_cache=self.feature_cache)
+        results = evaluate_vqa(
+            model, self.processor, self.questions, self.batch_size, max_new_tokens=4, feature_cache=self.feature_cache
+        )
         model.train(was_training)
         point = {"step": state.global_step, "samples": self.samples_seen(args, state), "metrics": results["metrics"]}
         self.points.append(point)
         overall = point["metrics"]["overall"]
-        print(f"curve: {point['samples']} samples: {100 * overall['accuracy']:.1f}% (blind {100 * overall['blind_accuracy']:.1f}%)", flush=True)
+        print(
+            f"curve: {point['samples']} samples: {100 * overall['accuracy']:.1f}% (blind {100 * overall['blind_accuracy']:.1f}%)",
+            flush=True,
+        )
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "curve.json").write_text(json.dumps(self.points, indent=2) + "\n")
@@ -83,8 +92,21 @@ def plot_curves(curves: dict[str, list[dict]], path, title: str = "Accuracy agai
         for index, (name, points) in enumerate(curves.items()):
             color = f"C{index}"
             samples = [point["samples"] for point in points]
-            axes.plot(samples, [100 * p["metrics"][group]["accuracy"] for p in points], marker=".", color=color, label=name or "with image")
-            axes.plot(samples, [100 * p["metrics"][group]["blind_accuracy"] for p in points], ls="--", color=color, alpha=0.6, label=f"{name} blind".strip())
+            axes.plot(
+                samples,
+                [100 * p["metrics"][group]["accuracy"] for p in points],
+                marker=".",
+                color=color,
+                label=name or "with image",
+            )
+            axes.plot(
+                samples,
+                [100 * p["metrics"][group]["blind_accuracy"] for p in points],
+                ls="--",
+                color=color,
+                alpha=0.6,
+                label=f"{name} blind".strip(),
+            )
         axes.set(title=group, xlabel="training samples", ylim=(0, 102))
         axes.grid(alpha=0.3)
     panels[0].set_ylabel("VQA accuracy (%)")

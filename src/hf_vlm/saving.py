@@ -31,12 +31,26 @@ except ImportError:  # Windows
     fcntl = None
 
 MODEL_FILES = (
-    "*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "*.bin.index.json",  # weights and shards
-    "adapter_model.*", "adapter_config.json",  # peft
-    "config.json", "generation_config.json", "*.py",  # config and remote code
-    "tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "added_tokens.json", "chat_template*",
-    "processor_config.json", "preprocessor_config.json",
-    "README.md", "loss.png", "training_args.bin",  # the card, learning curve and arguments that save_run writes
+    "*.safetensors",
+    "pytorch_model*.bin",
+    "*.safetensors.index.json",
+    "*.bin.index.json",  # weights and shards
+    "adapter_model.*",
+    "adapter_config.json",  # peft
+    "config.json",
+    "generation_config.json",
+    "*.py",  # config and remote code
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab*",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template*",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "README.md",
+    "loss.png",
+    "training_args.bin",  # the card, learning curve and arguments that save_run writes
 )
 """Top-level files that a model or processor save owns. When `replacing` swaps in a new folder, the old folder's
 files matching these go, so that a stale shard or card cannot stay beside the new ones; all else in it (the user's
@@ -62,8 +76,11 @@ def replacing(folder: str | os.PathLike) -> Iterator[Path]:
     folder.parent.mkdir(parents=True, exist_ok=True)
     reason = _cannot_swap(folder)
     if reason:
-        warnings.warn(f"Saving into {folder} in place, not atomically, because {reason}: a kill while saving "
-                      "can leave old and new files mixed there.", stacklevel=3)
+        warnings.warn(
+            f"Saving into {folder} in place, not atomically, because {reason}: a kill while saving "
+            "can leave old and new files mixed there.",
+            stacklevel=3,
+        )
         folder.mkdir(exist_ok=True)
         yield folder
         return
@@ -181,7 +198,7 @@ def _leftovers(parent: Path, prefix: str) -> Iterator[Path]:
     if not parent.is_dir():
         return
     for path in sorted(parent.iterdir()):
-        owner = path.name[len(prefix):].rsplit("-", 2)
+        owner = path.name[len(prefix) :].rsplit("-", 2)
         if not path.name.startswith(prefix) or len(owner) != 3 or not owner[1].isdigit() or not path.is_dir():
             continue
         with _locked(path) as ended:

@@ -52,7 +52,9 @@ def file_key(path) -> dict:
     return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def cached_validation(kind: str, key: dict | None, features: Features, build: Callable[[], tuple[dict, SampleErrors, int]]) -> Dataset:
+def cached_validation(
+    kind: str, key: dict | None, features: Features, build: Callable[[], tuple[dict, SampleErrors, int]]
+) -> Dataset:
     """The validated dataset for `key`, from the cache, or built by `build()` and stored.
 
     `build()` returns `(columns, errors, total)`: the kept rows as a dict of columns, the `SampleErrors` that
@@ -66,7 +68,9 @@ def cached_validation(kind: str, key: dict | None, features: Features, build: Ca
         columns, errors, total = build()
         errors.finish(total)
         return Dataset.from_dict(columns, features=features)
-    digest = hashlib.sha256(json.dumps({"format": VALIDATION_FORMAT, "kind": kind, **key}, sort_keys=True).encode()).hexdigest()[:24]
+    digest = hashlib.sha256(
+        json.dumps({"format": VALIDATION_FORMAT, "kind": kind, **key}, sort_keys=True).encode()
+    ).hexdigest()[:24]
     folder = data_cache_dir() / "validated" / f"{kind}-{digest}"
     report_file = folder / "report.json"
     if report_file.is_file():
@@ -85,7 +89,9 @@ def cached_validation(kind: str, key: dict | None, features: Features, build: Ca
     try:
         columns, errors, total = build()
     except BadSampleError as error:
-        write_atomically(failure, json.dumps({"sample_id": error.sample_id, "reason": error.reason, "detail": error.detail}))
+        write_atomically(
+            failure, json.dumps({"sample_id": error.sample_id, "reason": error.reason, "detail": error.detail})
+        )
         raise
     failure.unlink(missing_ok=True)
     errors.finish(total)

@@ -42,7 +42,9 @@ class ConversationCollator:
     def __call__(self, rows: list[dict]) -> dict:
         encoded = [encode_conversation(self.processor, row["messages"]) for row in rows]
         for index, (row, (ids, mask)) in enumerate(zip(rows, encoded)):
-            problem = token_problem(ids, mask, self.processor.image_token_id, self.max_length, self.assistant_only_loss)
+            problem = token_problem(
+                ids, mask, self.processor.image_token_id, self.max_length, self.assistant_only_loss
+            )
             if problem:
                 sample_id = row.get("id")
                 raise BadSampleError(f"batch row {index}" if sample_id is None else sample_id, *problem)
@@ -71,7 +73,10 @@ class ConversationCollator:
                 )
             masks[index, : len(kept)] = torch.tensor(mask[: len(kept)])
         batch["labels"] = make_labels(
-            batch["input_ids"], batch["attention_mask"], self.processor.image_token_id, masks if self.assistant_only_loss else None
+            batch["input_ids"],
+            batch["attention_mask"],
+            self.processor.image_token_id,
+            masks if self.assistant_only_loss else None,
         )
         if self.feature_cache is not None and "pixel_values" in batch:
             # The processor still expands placeholders and makes pixel_values (milliseconds); the tower is what is saved.
@@ -99,7 +104,9 @@ def caption_to_conversation(row: dict, prompt: str = DEFAULT_CAPTION_PROMPT) -> 
 class CaptionCollator:
     """Stage 1: rows in the caption shape (`image`, `caption`) -> a batch whose loss is on the caption only."""
 
-    def __init__(self, processor, prompt: str = DEFAULT_CAPTION_PROMPT, max_length: int | None = None, feature_cache=None):
+    def __init__(
+        self, processor, prompt: str = DEFAULT_CAPTION_PROMPT, max_length: int | None = None, feature_cache=None
+    ):
         self.prompt = prompt
         self.collate = ConversationCollator(processor, max_length=max_length, feature_cache=feature_cache)
 

@@ -84,7 +84,11 @@ def load_llava_instruct(
     def row(record, index, folder):
         sample_id, messages, image_paths = _llava_record(record, index, folder)
         _check_conversation(messages, len(image_paths), sample_id)
-        return {"id": sample_id, "images": [image_entry(p, sample_id, decode=decode_images) for p in image_paths], "messages": messages}
+        return {
+            "id": sample_id,
+            "images": [image_entry(p, sample_id, decode=decode_images) for p in image_paths],
+            "messages": messages,
+        }
 
     return _load_rows("llava_instruct", path, image_folder, CONVERSATION_FEATURES, row, on_error, decode_images, cache)
 
@@ -115,10 +119,14 @@ def load_conversations(
         entries = [image_entry(_resolve(image, folder), sample_id, decode=decode_images) for image in images]
         return {"id": sample_id, "images": entries, "messages": messages}
 
-    return _load_rows("conversations", source, image_folder, CONVERSATION_FEATURES, row, on_error, decode_images, cache)
+    return _load_rows(
+        "conversations", source, image_folder, CONVERSATION_FEATURES, row, on_error, decode_images, cache
+    )
 
 
-def load_captions(source, image_folder=None, *, on_error: str = "raise", decode_images: bool = True, cache: bool = True) -> Dataset:
+def load_captions(
+    source, image_folder=None, *, on_error: str = "raise", decode_images: bool = True, cache: bool = True
+) -> Dataset:
     """Rows already in the caption shape (`image`, `caption`, optional `id`) -> validated `CAPTION_FEATURES`.
 
     `source` is a `datasets.Dataset` (e.g. `load_from_disk` of a saved caption set, or `load_dataset` of one
@@ -127,7 +135,9 @@ def load_captions(source, image_folder=None, *, on_error: str = "raise", decode_
     """
     if isinstance(source, Dataset):
         if not {"image", "caption"} <= set(source.column_names):
-            raise ValueError(f"Caption rows need 'image' and 'caption' columns; this dataset has {source.column_names}.")
+            raise ValueError(
+                f"Caption rows need 'image' and 'caption' columns; this dataset has {source.column_names}."
+            )
         source = source.cast_column("image", Image(decode=False))
 
     def row(record, index, folder):
@@ -166,7 +176,9 @@ def first_record(path, prefix_bytes: int = 1 << 20):
     return None
 
 
-def _load_rows(kind: str, source, image_folder, features, make_row, on_error: str, decode_images: bool, cache: bool) -> Dataset:
+def _load_rows(
+    kind: str, source, image_folder, features, make_row, on_error: str, decode_images: bool, cache: bool
+) -> Dataset:
     """Validate the records of `source` (a file, a `Dataset` or a list) with `make_row(record, index, folder)`.
 
     Files and `Dataset`s are validated once: the result is cached under a key of the source and the options.
@@ -177,7 +189,11 @@ def _load_rows(kind: str, source, image_folder, features, make_row, on_error: st
     elif cache and isinstance(source, (str, os.PathLike)):
         key = file_key(source)
     if key is not None:
-        key |= {"image_folder": image_folder and os.path.abspath(image_folder), "on_error": on_error, "decode_images": decode_images}
+        key |= {
+            "image_folder": image_folder and os.path.abspath(image_folder),
+            "on_error": on_error,
+            "decode_images": decode_images,
+        }
 
     def build():
         records, folder = source, image_folder
@@ -225,7 +241,9 @@ def _read_records(path, image_folder):
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start}); save the file as UTF-8.") from None
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text ({error.reason} at byte {error.start}); save the file as UTF-8."
+        ) from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -238,7 +256,9 @@ def _read_records(path, image_folder):
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: not valid JSON Lines (one JSON object per line): {error.msg}") from None
+                    raise ValueError(
+                        f"{path}, line {number}: not valid JSON Lines (one JSON object per line): {error.msg}"
+                    ) from None
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path}: expected a JSON list of records or one record per line, found no records")
     return records, image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
@@ -263,7 +283,11 @@ def _llava_record(record, index: int, image_folder):
         raise BadSampleError(sample_id, "bad_format", f"'image' must be a path or a list of paths, got {images!r}")
     messages = []
     for turn in record["conversations"]:
-        if not isinstance(turn, dict) or turn.get("from") not in _LLAVA_ROLES or not isinstance(turn.get("value"), str):
+        if (
+            not isinstance(turn, dict)
+            or turn.get("from") not in _LLAVA_ROLES
+            or not isinstance(turn.get("value"), str)
+        ):
             detail = f"each turn needs 'from' in {sorted(_LLAVA_ROLES)} and a string 'value': {turn!r}"
             raise BadSampleError(sample_id, "bad_format", detail)
         messages.append({"role": _LLAVA_ROLES[turn["from"]], "content": _split_placeholders(turn["value"])})
@@ -323,7 +347,9 @@ def _block(block, sample_id: str) -> dict:
         raise BadSampleError(sample_id, "bad_format", f"content blocks have type 'image' or 'text': {block!r}")
     if block["type"] == "image":
         if block.get("image") is not None:
-            raise BadSampleError(sample_id, "bad_format", "image blocks must not embed images; use the 'images' column")
+            raise BadSampleError(
+                sample_id, "bad_format", "image blocks must not embed images; use the 'images' column"
+            )
         return {"type": "image", "text": None}
     if not isinstance(block.get("text"), str):
         raise BadSampleError(sample_id, "bad_format", f"text block without a string 'text': {block!r}")

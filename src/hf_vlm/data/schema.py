@@ -35,17 +35,13 @@ from datasets import Features, Image, List, Value
 
 CAPTION_FEATURES = Features({"id": Value("string"), "image": Image(), "caption": Value("string")})
 
-MESSAGES_FEATURE = List(
-    {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
-)
+MESSAGES_FEATURE = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
 
 CONVERSATION_FEATURES = Features({"id": Value("string"), "images": List(Image()), "messages": MESSAGES_FEATURE})
 
 # easy-VQA adds what evaluation needs: the question type ("shape", "color" or "yes/no") and the
 # reference answer as a plain string.
-EASY_VQA_FEATURES = Features(
-    {**CONVERSATION_FEATURES, "question_type": Value("string"), "answer": Value("string")}
-)
+EASY_VQA_FEATURES = Features({**CONVERSATION_FEATURES, "question_type": Value("string"), "answer": Value("string")})
 
 ROLES = ("system", "user", "assistant")
 

@@ -28,7 +28,11 @@ _CONVERSATION_KEYS = ("conversations", "messages", "texts")
 
 
 def caption_dataset(
-    sources: str, split: str = "train", max_samples: int | None = None, seed: int = 0, image_folder: str | None = None,
+    sources: str,
+    split: str = "train",
+    max_samples: int | None = None,
+    seed: int = 0,
+    image_folder: str | None = None,
     on_error: str = "raise",
 ) -> Dataset:
     """Caption-shape data for stage 1: comma-separated sources (names from `CAPTION_SOURCES`, or any location above).
@@ -52,7 +56,11 @@ def caption_dataset(
 
 
 def conversation_dataset(
-    source: str, split: str = "train", max_samples: int | None = None, seed: int = 0, image_folder: str | None = None,
+    source: str,
+    split: str = "train",
+    max_samples: int | None = None,
+    seed: int = 0,
+    image_folder: str | None = None,
     on_error: str = "raise",
 ) -> Dataset:
     """Conversation-shape data for stage 2: a name in `CONVERSATION_SOURCES`, or any location above.
@@ -82,7 +90,9 @@ def _load(source: str, split: str, image_folder, on_error: str, *, captions: boo
     if os.path.isdir(source):
         rows = _load_folder(source, split)
     elif _looks_like_path(source):
-        raise FileNotFoundError(f"No such file or folder: {source!r} (a dataset source is one of {', '.join(names)}, a file, a folder or a Hub id).")
+        raise FileNotFoundError(
+            f"No such file or folder: {source!r} (a dataset source is one of {', '.join(names)}, a file, a folder or a Hub id)."
+        )
     else:
         try:
             rows = load_dataset(source, split=split)
@@ -111,8 +121,11 @@ def _load_file(path: str, image_folder, on_error: str, captions: bool) -> Datase
     elif not captions and keys & {"messages", "texts"}:
         loader = load_conversations
     else:
-        wanted = "LLaVA-Pretrain records ('conversations') or caption rows ('image', 'caption')" if captions else (
-            "LLaVA records ('conversations'), TRL rows ('messages') or the_cauldron rows ('texts')")
+        wanted = (
+            "LLaVA-Pretrain records ('conversations') or caption rows ('image', 'caption')"
+            if captions
+            else ("LLaVA records ('conversations'), TRL rows ('messages') or the_cauldron rows ('texts')")
+        )
         raise ValueError(f"{path}: expected {wanted}; the first record has keys {sorted(keys)}.")
     return loader(path, image_folder, on_error=on_error)
 

@@ -81,7 +81,11 @@ def check_token_lengths(
 def _tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything that decides the ids: the fast tokenizer's full definition, else vocabulary and class."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    definition = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    )
     return hashlib.sha256(definition.encode()).hexdigest()
 
 

