@@ -1,4 +1,5 @@
-"""Image inputs that cannot be right raise a ValueError naming what came and what is expected, in forward and generate."""
+"""Image inputs that cannot be right raise a ValueError naming what came and what is expected, in forward and
+generate."""
 
 import pytest
 import torch
@@ -21,9 +22,12 @@ def call(model, how: str, num_images: int, **images):
 @pytest.mark.parametrize("how", ["forward", "generate"])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.int64], ids=str)
 def test_non_float_pixel_values_are_rejected(model, how, dtype):
-    """Raw (uint8, bool, int) pixel_values raise a ValueError naming the dtype and the processor, instead of a silent cast."""
+    """Raw (uint8, bool, int) pixel_values raise a ValueError naming the dtype and the processor, not a silent cast."""
     raw = torch.randint(0, 256, (1, 3, IMAGE_SIZE, IMAGE_SIZE)).to(dtype)
-    with pytest.raises(ValueError, match=rf"pixel_values are {dtype}; the model takes the image processor's normalised float pixels.*VLMProcessor"):
+    with pytest.raises(
+        ValueError,
+        match=rf"pixel_values are {dtype}; the model takes the image processor's normalised float.*VLMProcessor",
+    ):
         call(model, how, 1, pixel_values=raw)
 
 

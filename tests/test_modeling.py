@@ -1,12 +1,20 @@
+import json
 import math
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, IMAGE_TOKEN_ID, TEXT_CONFIGS, image_prompt, tiny_config, tiny_model
+from conftest import _VIT, IMAGE_SIZE, IMAGE_TOKEN_ID, TEXT_CONFIGS, image_prompt, tiny_config, tiny_model
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
-from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    Dinov2WithRegistersConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
-from hf_vlm import PROJECTORS, VLMForConditionalGeneration
+from hf_vlm import PROJECTORS, VLMConfig, VLMForConditionalGeneration
+from hf_vlm.modeling.projectors import ResamplerProjector
 
 
 def pixels(n: int, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -17,7 +25,8 @@ def pixels(n: int, size: int = IMAGE_SIZE) -> torch.Tensor:
 @pytest.mark.parametrize("vision", ["siglip", "clip", "timm"])
 @pytest.mark.parametrize("text", ["llama", "qwen2"])
 def test_every_projector_and_backbone_gives_finite_loss(projector, vision, text):
-    """Every projector on SigLIP, CLIP and timm towers with Llama and Qwen2 LMs: finite loss, image_seq_length tokens per image."""
+    """Every projector on SigLIP, CLIP and timm towers with Llama and Qwen2 LMs: finite loss, image_seq_length tokens
+    per image."""
     model = tiny_model(vision, text, projector_type=projector)
     config = model.config
     images = pixels(2)
@@ -53,6 +62,93 @@ def test_clip_cls_token_is_dropped_by_default_and_kept_on_request():
         tiny_config("clip", drop_cls_token=False, projector_type="pixel_shuffle")
 
 
+def register_tower(**overrides) -> Dinov2WithRegistersConfig:
+    """A tiny DINOv2 with 2 register tokens: CLS, 2 registers, then the 4x4 patch grid."""
+    return Dinov2WithRegistersConfig(**(_VIT | dict(num_register_tokens=2) | overrides))
+
+
+@pytest.mark.parametrize("projector", ["mlp", "pixel_shuffle", "resampler"])
+def test_register_token_tower_drops_cls_and_registers(projector):
+    """A DINOv2-with-registers tower: its CLS and 2 register tokens are dropped, the 16 patches reach the projector."""
+    model = tiny_model(vision_config=register_tower(), projector_type=projector)
+    config = model.config
+    assert (config.vision_num_prefix_tokens, config.drop_cls_token, config.vision_num_patches) == (3, True, 16)
+    assert config.image_seq_length == {"mlp": 16, "pixel_shuffle": 4, "resampler": 4}[projector]
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        tower = model.model.vision_tower(images).last_hidden_state  # (2, 1 + 2 + 16, 32)
+        assert torch.equal(model.get_vision_features(images), tower[:, 3:])
+    ids = torch.tensor([image_prompt(config, num_images=2)])
+    assert torch.isfinite(model(input_ids=ids, pixel_values=images, labels=ids).loss)
+
+
+def test_prefix_tokens_are_a_config_field():
+    """vision_num_prefix_tokens is derived (CLS + registers) or given; kept prefix tokens add to per-patch tokens."""
+    assert tiny_config(vision_config=register_tower(num_register_tokens=4)).vision_num_prefix_tokens == 5
+    assert tiny_config("siglip").vision_num_prefix_tokens == 0
+    assert tiny_config(vision_config=register_tower(), drop_cls_token=False).image_seq_length == 16 + 3
+    # A tower that the default does not know: its prefix tokens are declared, then dropped by default.
+    declared = tiny_config("siglip", vision_num_prefix_tokens=2)
+    assert (declared.drop_cls_token, declared.vision_num_patches) == (True, 16)
+    assert tiny_config("siglip", vision_num_prefix_tokens=2, drop_cls_token=False).image_seq_length == 18
+    with pytest.raises(StrictDataclassClassValidationError, match="emits no CLS or register tokens"):
+        tiny_config("siglip", drop_cls_token=True)
+    with pytest.raises(StrictDataclassClassValidationError, match="vision_num_prefix_tokens=-1"):
+        tiny_config("clip", vision_num_prefix_tokens=-1)
+
+
+# What save_pretrained wrote (to_diff_dict) for tiny_config("clip", drop_cls_token=False) before
+# vision_num_prefix_tokens existed: the field is absent and the CLS token is kept (17 tokens).
+SAVED_BEFORE_PREFIX_TOKENS = """{"drop_cls_token": false, "image_seq_length": 17, "image_size": 16,
+"image_token_id": 127,
+"model_type": "hf_vlm", "pixel_shuffle_factor": 2, "projector_num_tokens": 4, "projector_type": "mlp", "text_config":
+{"attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "head_dim": 8, "hidden_act":
+"silu", "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64, "max_position_embeddings": 2048,
+"mlp_bias": false, "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+"pad_token_id": null, "pretraining_tp": 1, "rms_norm_eps": 1e-06, "rope_parameters": {"rope_theta": 10000.0,
+"rope_type": "default"}, "tie_word_embeddings": false, "use_cache": true, "vocab_size": 128}, "tie_word_embeddings":
+false, "transformers_version": "5.24.0", "vision_config": {"attention_dropout": 0.0, "hidden_act": "quick_gelu",
+"hidden_size": 32, "image_size": 16, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64,
+"layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
+"num_hidden_layers": 2, "patch_size": 4, "projection_dim": 512}, "vision_feature_layer": null, "vision_grid_size": 4,
+"vision_hidden_size": 32}"""
+
+
+@pytest.mark.parametrize(("drop_cls_token", "expected"), [(False, 17), (True, 16), (None, 16)])
+def test_configs_saved_before_prefix_tokens_load_the_same(tmp_path, drop_cls_token, expected):
+    """A config.json from before vision_num_prefix_tokens loads with its drop_cls_token meaning what it meant."""
+    saved = json.loads(SAVED_BEFORE_PREFIX_TOKENS)
+    if drop_cls_token is None:
+        del saved["drop_cls_token"], saved["image_seq_length"]
+    else:
+        saved["drop_cls_token"], saved["image_seq_length"] = drop_cls_token, expected
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = VLMConfig.from_pretrained(tmp_path)
+    assert (config.vision_num_prefix_tokens, config.drop_cls_token, config.image_seq_length) == (
+        1,
+        drop_cls_token is not False,
+        expected,
+    )
+
+
+# The largest divisor of the width not above width // 64: where width // 64 divides the width (576, 2048), the old
+# `max(1, width // 64)` heads, so those models compute what they did.
+RESAMPLER_HEADS = {200: 2, 480: 6, 720: 10, 576: 9, 2048: 32, 32: 1}
+
+
+@pytest.mark.parametrize("width", list(RESAMPLER_HEADS))
+def test_resampler_heads_divide_any_lm_width(width):
+    """The resampler builds and runs for any LM width: 200, 480 and 720, which width // 64 heads do not divide, too."""
+    text_config = LlamaConfig(
+        hidden_size=width, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=128
+    )
+    config = tiny_config(text_config=text_config, projector_type="resampler", projector_num_tokens=9)
+    resampler = ResamplerProjector(config)
+    assert resampler.attn.num_heads == RESAMPLER_HEADS[width]
+    tokens = resampler(torch.randn(2, config.vision_num_patches, config.vision_feature_size))
+    assert tokens.shape == (2, 9, width) and torch.isfinite(tokens).all()
+
+
 def test_bad_config_options_are_rejected():
     """An unknown projector lists the valid names; impossible geometry says what is wrong."""
     with pytest.raises(StrictDataclassFieldValidationError) as error:
@@ -68,8 +164,11 @@ def test_bad_config_options_are_rejected():
 
 @pytest.mark.parametrize("image_token_id", [-1, 128, 32000])
 def test_image_token_id_outside_the_vocabulary_is_rejected(image_token_id):
-    """An image_token_id outside [0, vocab_size) raises naming the id and the vocabulary size; None and the last id pass."""
-    with pytest.raises(StrictDataclassClassValidationError, match=rf"image_token_id={image_token_id} is outside the text model's vocabulary of 128 tokens") as error:
+    """An image_token_id outside [0, vocab_size) raises, naming id and vocabulary size; None and the last id pass."""
+    with pytest.raises(
+        StrictDataclassClassValidationError,
+        match=rf"image_token_id={image_token_id} is outside the text model's vocabulary of 128 tokens",
+    ) as error:
         tiny_config(image_token_id=image_token_id)
     assert isinstance(error.value.__cause__, ValueError)
     assert tiny_config(image_token_id=None).image_token_id is None
@@ -79,7 +178,10 @@ def test_image_token_id_outside_the_vocabulary_is_rejected(image_token_id):
 def test_token_count_mismatch_names_both_counts(model):
     """Too few image tokens for the images raise a ValueError naming both counts."""
     ids = torch.tensor([image_prompt(model.config)[:-5]])  # cuts 2 image tokens
-    with pytest.raises(ValueError, match=r"Image features and image tokens do not match: the text has 14 image tokens, the images give 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"Image features and image tokens do not match: the text has 14 image tokens, the images give 16",
+    ):
         model(input_ids=ids, pixel_values=pixels(1))
     ids = torch.tensor([image_prompt(model.config)])
     with pytest.raises(ValueError, match=r"has 16 image tokens, the images give 32"):
@@ -105,7 +207,9 @@ def test_save_and_load_give_identical_logits(tmp_path, vision):
     assert loaded.config.image_seq_length == model.config.image_seq_length
     ids, images = torch.tensor([image_prompt(model.config)]), pixels(1)
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, pixel_values=images).logits, loaded(input_ids=ids, pixel_values=images).logits)
+        assert torch.equal(
+            model(input_ids=ids, pixel_values=images).logits, loaded(input_ids=ids, pixel_values=images).logits
+        )
 
 
 def test_greedy_generate_with_cache_equals_without(model):
@@ -125,13 +229,17 @@ def test_left_padded_batch_generates_as_each_prompt_alone(model):
     prompts = [image_prompt(model.config, text=[5, 6, 7, 8, 9]), image_prompt(model.config, text=[10])]
     images = pixels(2)
     alone = [
-        model.generate(input_ids=torch.tensor([p]), pixel_values=images[i : i + 1], max_new_tokens=6, do_sample=False)[0, len(p) :]
+        model.generate(input_ids=torch.tensor([p]), pixel_values=images[i : i + 1], max_new_tokens=6, do_sample=False)[
+            0, len(p) :
+        ]
         for i, p in enumerate(prompts)
     ]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    batched = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
     assert torch.equal(batched[0, width:], alone[0]) and torch.equal(batched[1, width:], alone[1])
 
 
@@ -153,7 +261,9 @@ def test_inputs_embeds_path_equals_input_ids_path(model):
     ids, images = torch.tensor([image_prompt(model.config)]), pixels(1)
     embeds = model.get_input_embeddings()(ids)
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, pixel_values=images).logits, model(inputs_embeds=embeds, pixel_values=images).logits)
+        assert torch.equal(
+            model(input_ids=ids, pixel_values=images).logits, model(inputs_embeds=embeds, pixel_values=images).logits
+        )
 
 
 def test_batch_with_two_one_and_no_images_trains(model):
@@ -187,7 +297,11 @@ def test_logits_match_llava_with_copied_weights():
     llava.load_state_dict(ours.state_dict(), strict=True)  # same keys, no map
     ids, images = torch.tensor([image_prompt(config)]), pixels(1)
     with torch.no_grad():
-        diff = (ours(input_ids=ids, pixel_values=images).logits - llava(input_ids=ids, pixel_values=images).logits).abs().max()
+        diff = (
+            (ours(input_ids=ids, pixel_values=images).logits - llava(input_ids=ids, pixel_values=images).logits)
+            .abs()
+            .max()
+        )
     assert diff < 1e-5
 
 
@@ -201,13 +315,37 @@ def test_tied_embeddings_follow_the_text_config():
     assert untied.lm_head.weight is not untied.get_input_embeddings().weight
 
 
-def test_transformers_model_features_work(tmp_path, model):
-    """Gradient checkpointing, bf16 loading, device_map and resize_token_embeddings behave as for any model."""
-    model.activation_checkpointing_enable()
+def test_activation_checkpointing_recomputes_the_layers_with_the_same_gradients(model):
+    """With activation checkpointing on, a training step runs each tower and LM layer twice (forward, then again in
+    backward) and gives the gradients of a step without it."""
+    ids, images = torch.tensor([image_prompt(model.config)]), pixels(1)
     model.train()
-    ids = torch.tensor([image_prompt(model.config)])
-    model(input_ids=ids, pixel_values=pixels(1), labels=ids).loss.backward()
 
+    def gradients():
+        model.zero_grad()
+        model(input_ids=ids, pixel_values=images, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    # Checkpointing wraps a layer's `forward`, so the hooks of its submodules see the recompute.
+    calls = {"vision": 0, "language": 0}
+    for part, layer in [
+        ("vision", model.model.vision_tower.encoder.layers[0]),
+        ("language", model.model.language_model.layers[0]),
+    ]:
+        layer.self_attn.register_forward_hook(lambda *args, part=part: calls.__setitem__(part, calls[part] + 1))
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    checkpointed = gradients()
+    assert calls == {"vision": 2, "language": 2}
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_transformers_model_features_work(tmp_path, model):
+    """bf16 loading, device_map and resize_token_embeddings behave as for any model."""
+    ids = torch.tensor([image_prompt(model.config)])
     model.save_pretrained(tmp_path)
     bf16 = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cpu")
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
@@ -220,8 +358,11 @@ def test_transformers_model_features_work(tmp_path, model):
 
 
 def test_frozen_vision_tower_builds_no_graph(model):
-    """With the vision tower frozen, its outputs carry no autograd history."""
+    """With the vision tower frozen, its outputs carry no autograd history, even after enable_input_require_grads()
+    (PEFT and activation checkpointing call it), whose hook makes the tower's patch embeddings require grad."""
+    model.enable_input_require_grads()
     model.model.vision_tower.requires_grad_(False)
+    assert model.model.vision_tower.embeddings.patch_embedding(pixels(1)).requires_grad  # the hook is there
     features = model.get_image_features(pixels(1))
     assert features.last_hidden_state.grad_fn is None
     assert features.pooler_output[0].requires_grad

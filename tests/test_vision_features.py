@@ -31,7 +31,9 @@ def test_vision_features_give_the_greedy_generation_of_pixel_values(model):
     features = model.get_vision_features(images)
     for options in ({}, {"num_beams": 2}):
         from_pixels = model.generate(input_ids=ids, pixel_values=images, max_new_tokens=6, do_sample=False, **options)
-        from_features = model.generate(input_ids=ids, vision_features=features, max_new_tokens=6, do_sample=False, **options)
+        from_features = model.generate(
+            input_ids=ids, vision_features=features, max_new_tokens=6, do_sample=False, **options
+        )
         assert torch.equal(from_pixels, from_features)
 
 
@@ -46,7 +48,7 @@ def test_two_image_inputs_at_once_raise(model):
         model(input_ids=ids, vision_features=features, mm_encoder_outputs=encoded)
     with pytest.raises(ValueError, match="pixel_values and vision_features"):
         model.generate(input_ids=ids, pixel_values=images, vision_features=features, max_new_tokens=2)
-    with pytest.raises(ValueError, match="mm_encoder_outputs and vision_features"):
+    with pytest.raises(ValueError, match="vision_features and mm_encoder_outputs"):
         model.generate(input_ids=ids, mm_encoder_outputs=encoded, vision_features=features, max_new_tokens=2)
     with pytest.raises(ValueError, match="exactly one"):
         model.get_image_features(pixel_values=images, vision_features=features)
@@ -62,12 +64,15 @@ def test_vision_features_of_the_wrong_shape_raise(model):
 
 @pytest.mark.parametrize("projector", ["mlp", "pixel_shuffle"])
 def test_labelled_positions_loss_equals_full_logits_loss(projector):
-    """The loss from labelled positions only equals cross-entropy over the full logits, to 1e-5, with and without num_items_in_batch."""
+    """The loss from labelled positions only equals cross-entropy over the full logits, to 1e-5, with and without
+    num_items_in_batch."""
     model = tiny_model(projector_type=projector)
     ids, images, labels = batch(model)
     labels[1, -3:] = -100  # a sample without labels
     full_logits = model(input_ids=ids, pixel_values=images).logits  # (B, T, vocab), no labels given
-    reference = torch.nn.functional.cross_entropy(full_logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    reference = torch.nn.functional.cross_entropy(
+        full_logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
     outputs = model(input_ids=ids, pixel_values=images, labels=labels)
     num_labelled = int((labels[:, 1:] != -100).sum())
     assert outputs.logits.shape == (num_labelled, model.config.text_config.vocab_size)
@@ -88,5 +93,5 @@ def test_labelled_positions_loss_has_the_full_gradient(model):
     logits = model(input_ids=ids, pixel_values=images).logits
     full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     full_grads = torch.autograd.grad(full, parameters)
-    for a, b in zip(compact_grads, full_grads):
+    for a, b in zip(compact_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -7,8 +7,15 @@ from transformers.configuration_utils import SubConfigSpec
 from .projectors import PROJECTORS, ProjectorType
 
 
-# Vision model types whose patch sequence starts with a CLS token.
-CLS_TOKEN_MODEL_TYPES = ("clip_vision_model", "vit", "dinov2")
+def default_num_prefix_tokens(vision_config: PreTrainedConfig) -> int:
+    """Leading non-patch tokens of the towers whose layout is known: a CLS token, then any register tokens.
+
+    The default of `VLMConfig.vision_num_prefix_tokens`; a tower not listed here (0) that emits such tokens sets
+    that field.
+    """
+    if vision_config.model_type in ("clip_vision_model", "vit", "dinov2", "dinov2_with_registers"):
+        return 1 + getattr(vision_config, "num_register_tokens", 0)
+    return 0
 
 
 @strict
@@ -27,8 +34,12 @@ class VLMConfig(PreTrainedConfig):
         vision_feature_layer (`int`, `list[int]` or `None`): which hidden states of the vision tower feed the
             projector; a list is concatenated on channels. `None` takes the tower's `last_hidden_state` (for a
             timm CNN, its final feature map).
-        drop_cls_token (`bool`, *optional*): drop the leading CLS token. Defaults to whether the vision model type
-            has one (`CLS_TOKEN_MODEL_TYPES`).
+        vision_num_prefix_tokens (`int`, *optional*): how many non-patch tokens (CLS, register tokens) lead the
+            tower's sequence. Defaults to `default_num_prefix_tokens`: 1 for CLIP, ViT and DINOv2, 1 + the register
+            count for `dinov2_with_registers`, 0 otherwise (SigLIP, timm CNNs).
+        drop_cls_token (`bool`, *optional*): drop those `vision_num_prefix_tokens` leading tokens, so that only
+            patches reach the projector (the name predates register tokens; configs saved before keep working).
+            Defaults to `True` when the tower emits any.
         pixel_shuffle_factor (`int`): r for `pixel_shuffle`; r=2 gives 4x fewer image tokens.
         projector_num_tokens (`int`): M, the number of tokens `c_abstractor` (a square) and `resampler` emit.
         image_size (`int`, *optional*): input side in pixels; read from the vision config when it has one.
@@ -46,7 +57,8 @@ class VLMConfig(PreTrainedConfig):
     >>> from transformers import LlamaConfig, SiglipVisionConfig
     >>> from hf_vlm import VLMConfig
     >>> config = VLMConfig(vision_config=SiglipVisionConfig(image_size=224, patch_size=16),
-    ...                    text_config=LlamaConfig(vocab_size=1000), projector_type="pixel_shuffle", image_token_id=999)
+    ...                    text_config=LlamaConfig(vocab_size=1000), projector_type="pixel_shuffle",
+    ...                    image_token_id=999)
     >>> config.image_seq_length  # (224 / 16 / 2) ** 2
     49
     ```
@@ -63,6 +75,7 @@ class VLMConfig(PreTrainedConfig):
     projector_type: ProjectorType = "mlp"
     image_token_id: int | None = None
     vision_feature_layer: int | list[int] | None = None
+    vision_num_prefix_tokens: int | None = None
     drop_cls_token: bool | None = None
     pixel_shuffle_factor: int = 2
     projector_num_tokens: int = 64
@@ -78,15 +91,19 @@ class VLMConfig(PreTrainedConfig):
         self.tie_word_embeddings = self.tie_word_embeddings or bool(self.text_config.tie_word_embeddings)
 
         vision = self.vision_config
+        if self.vision_num_prefix_tokens is None:
+            self.vision_num_prefix_tokens = default_num_prefix_tokens(vision)
         if self.drop_cls_token is None:
-            self.drop_cls_token = self.vision_has_cls_token
+            self.drop_cls_token = self.vision_num_prefix_tokens > 0
         if self.image_size is None:
             self.image_size = getattr(vision, "image_size", None)
         if self.vision_grid_size is None and self.image_size and getattr(vision, "patch_size", None):
             self.vision_grid_size = self.image_size // vision.patch_size
         if self.vision_hidden_size is None:
             self.vision_hidden_size = getattr(vision, "hidden_size", None)
-        missing = [name for name in ("image_size", "vision_grid_size", "vision_hidden_size") if getattr(self, name) is None]
+        missing = [
+            name for name in ("image_size", "vision_grid_size", "vision_hidden_size") if getattr(self, name) is None
+        ]
         if missing:
             raise ValueError(
                 f"The {vision.model_type!r} vision config does not say {', '.join(missing)}: pass them to VLMConfig "
@@ -103,13 +120,12 @@ class VLMConfig(PreTrainedConfig):
         self.image_seq_length = seq_length
 
     @property
-    def vision_has_cls_token(self) -> bool:
-        return self.vision_config.model_type in CLS_TOKEN_MODEL_TYPES
-
-    @property
     def vision_num_patches(self) -> int:
-        """N, the patches per image that reach the projector (the grid, plus a CLS token that is kept)."""
-        return self.vision_grid_size**2 + (1 if self.vision_has_cls_token and not self.drop_cls_token else 0)
+        """N, the tokens per image that reach the projector: the patch grid, plus the prefix tokens when kept.
+
+        The one place this count is made: the projectors, the feature checks and `image_seq_length` read it.
+        """
+        return self.vision_grid_size**2 + (0 if self.drop_cls_token else self.vision_num_prefix_tokens)
 
     @property
     def vision_feature_size(self) -> int:
@@ -119,8 +135,13 @@ class VLMConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Part of `@strict` validation: options that the derived fields do not already check."""
-        if self.drop_cls_token and not self.vision_has_cls_token:
-            raise ValueError(f"drop_cls_token=True, but {self.vision_config.model_type!r} emits no CLS token.")
+        if self.vision_num_prefix_tokens < 0:
+            raise ValueError(f"vision_num_prefix_tokens={self.vision_num_prefix_tokens} must be 0 or more.")
+        if self.drop_cls_token and not self.vision_num_prefix_tokens:
+            raise ValueError(
+                f"drop_cls_token=True, but {self.vision_config.model_type!r} emits no CLS or register tokens "
+                "(vision_num_prefix_tokens=0); set vision_num_prefix_tokens if it does."
+            )
         if self.pixel_shuffle_factor < 1 or self.projector_num_tokens < 1:
             raise ValueError("pixel_shuffle_factor and projector_num_tokens must be positive.")
         # No tokenizer of this vocabulary emits an id outside it, so every image would fail later, far from the

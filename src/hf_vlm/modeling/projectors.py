@@ -21,13 +21,22 @@ def _projector_sizes(config) -> tuple[int, int]:
 
 
 def _square_side(num_patches: int, projector: str) -> int:
+    """The side of the patch grid: what `num_tokens` checks and what `forward` reshapes with."""
     side = math.isqrt(num_patches)
     if side * side != num_patches:
         raise ValueError(
             f"The {projector!r} projector needs a square grid of patches, got {num_patches} patches; "
-            "if the vision tower adds a CLS token, set drop_cls_token=True."
+            "if the vision tower adds CLS or register tokens, set drop_cls_token=True."
         )
     return side
+
+
+def _num_heads(width: int) -> int:
+    """Heads of about 64 channels that divide `width`: the largest divisor not above width // 64, at least 1.
+
+    `width // 64` alone fails for widths such as 200, 480 or 720; where it divides, it is what this returns.
+    """
+    return next(heads for heads in range(max(1, width // 64), 0, -1) if width % heads == 0)
 
 
 class LinearProjector(nn.Module):
@@ -79,13 +88,14 @@ class PixelShuffleProjector(nn.Module):
         super().__init__()
         in_size, out_size = _projector_sizes(config)
         self.factor = config.pixel_shuffle_factor
+        self.side = _square_side(config.vision_num_patches, "pixel_shuffle")
         self.norm = nn.LayerNorm(in_size * self.factor**2)
         self.linear = nn.Linear(in_size * self.factor**2, out_size, bias=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        batch, num_patches, channels = features.shape
+        batch, _, channels = features.shape
         r = self.factor
-        side = math.isqrt(num_patches) // r
+        side = self.side // r
         # (B, N, C) -> (B, side, r, side, r, C) -> (B, side, side, r, r, C) -> (B, side*side, r*r*C)
         blocks = features.reshape(batch, side, r, side, r, channels).permute(0, 1, 3, 2, 4, 5)
         return self.linear(self.norm(blocks.reshape(batch, side * side, r * r * channels)))
@@ -128,6 +138,7 @@ class CAbstractorProjector(nn.Module):
     def __init__(self, config):
         super().__init__()
         in_size, out_size = _projector_sizes(config)
+        self.side = _square_side(config.vision_num_patches, "c_abstractor")
         self.out_side = math.isqrt(config.projector_num_tokens)
         self.before_pool = nn.Sequential(_ResidualConvBlock(in_size, out_size), _ResidualConvBlock(out_size, out_size))
         self.pool = nn.AdaptiveAvgPool2d(self.out_side)
@@ -135,9 +146,8 @@ class CAbstractorProjector(nn.Module):
         self.readout = nn.Sequential(nn.Linear(out_size, out_size), nn.GELU(), nn.Linear(out_size, out_size))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        batch, num_patches, channels = features.shape
-        side = math.isqrt(num_patches)
-        grid = features.transpose(1, 2).reshape(batch, channels, side, side)  # (B, C, side, side)
+        batch, _, channels = features.shape
+        grid = features.transpose(1, 2).reshape(batch, channels, self.side, self.side)  # (B, C, side, side)
         grid = self.after_pool(self.pool(self.before_pool(grid)))  # (B, D, out_side, out_side)
         return self.readout(grid.flatten(2).transpose(1, 2))  # (B, M, D)
 
@@ -152,19 +162,18 @@ class ResamplerProjector(nn.Module):
     """M learnable queries cross-attend to the patches, as in Qwen-VL (https://arxiv.org/abs/2308.12966).
 
     Qwen-VL adds fixed 2-D sin-cos positions to the keys; a learned position table is used here, so
-    the resampler also works on sequences with a CLS token.
+    the resampler also works on sequences with CLS or register tokens.
     """
 
     def __init__(self, config):
         super().__init__()
         in_size, out_size = _projector_sizes(config)
-        num_patches = config.vision_num_patches
         self.queries = nn.Parameter(torch.zeros(config.projector_num_tokens, out_size))
-        self.key_positions = nn.Parameter(torch.zeros(num_patches, out_size))
+        self.key_positions = nn.Parameter(torch.zeros(config.vision_num_patches, out_size))
         self.kv_proj = nn.Linear(in_size, out_size, bias=False)
         self.ln_q = nn.LayerNorm(out_size)
         self.ln_kv = nn.LayerNorm(out_size)
-        self.attn = nn.MultiheadAttention(out_size, num_heads=max(1, out_size // 64), batch_first=True)
+        self.attn = nn.MultiheadAttention(out_size, num_heads=_num_heads(out_size), batch_first=True)
         self.ln_post = nn.LayerNorm(out_size)
         self.proj = nn.Linear(out_size, out_size)
 
