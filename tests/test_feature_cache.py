@@ -85,6 +85,10 @@ def test_each_part_of_the_key_changed_encodes_afresh(backbones, siglip, tmp_path
     clip_default = build_vlm(backbones["clip"], backbones["llama"], "mlp")
     clip_cls = build_vlm(backbones["clip"], backbones["llama"], "mlp", drop_cls_token=False)
     assert key_of(*clip_default, tmp_path) != key_of(*clip_cls, tmp_path)
+    clip_no_prefix = build_vlm(
+        backbones["clip"], backbones["llama"], "mlp", vision_num_prefix_tokens=0, drop_cls_token=False
+    )
+    assert key_of(*clip_no_prefix, tmp_path) != key_of(*clip_cls, tmp_path)  # the CLS token then stays a patch
     timm_16 = build_vlm(backbones["timm"], backbones["llama"], "mlp", vision_feature_layer=1)
     timm_32 = build_vlm(backbones["timm"], backbones["llama"], "mlp", image_size=32, vision_feature_layer=1)
     assert timm_16[0].config.image_size != timm_32[0].config.image_size

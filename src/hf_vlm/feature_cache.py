@@ -10,7 +10,7 @@ projector, which trains, still runs at every step.
     features = cache.lookup(images)                # (num_images, N, C), read from memory-mapped shards
 
 The folder name `<key>` hashes everything that changes the features: a fingerprint of every tensor of the
-tower (weights and buffers), its config, `image_size`, `vision_feature_layer`, `drop_cls_token` and the image
+tower (weights and buffers), its config, `image_size`, `vision_feature_layer`, the prefix tokens dropped and the image
 processor's settings. Inside it, an image is found by a hash of its pixels. Any change gives another folder or
 a miss, so a stale feature is never used. Features are stored in the tower's dtype, N x C of them per image
 (16 x 1280 floats, 82 kB, for the demo's CNN at 128 px; 196 x 768 for a ViT-B/16 at 224 px).
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .paths import cache_root
 
 # Part of every key: raise it when what `get_vision_features` computes changes, so old caches are not read.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 SHARD_BYTES = 256 * 2**20  # features held in memory before a shard is written
 # Config entries that name or describe a checkpoint without changing what the tower computes.
 _NOT_IN_KEY = (
@@ -84,6 +84,7 @@ def cache_key(model, image_processor) -> str:
         "image_size": config.image_size,
         "vision_feature_layer": config.vision_feature_layer,
         "drop_cls_token": config.drop_cls_token,
+        "vision_num_prefix_tokens": config.vision_num_prefix_tokens,
         "image_processor": {k: v for k, v in image_processor.to_dict().items() if k not in _NOT_IN_KEY},
     }
     return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
