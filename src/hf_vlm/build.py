@@ -4,7 +4,6 @@ import os
 from contextlib import contextmanager
 
 import torch
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -17,6 +16,7 @@ from transformers import (
 )
 
 from .modeling import VLMConfig, VLMForConditionalGeneration
+from .paths import is_hub_id
 from .processing import CHAT_TEMPLATES, END_OF_TURN, VLMProcessor
 
 
@@ -96,11 +96,8 @@ def loading_from(name: str, argument: str):
     either (`runs/stage1`, `google/siglip-base-patch16-224`) goes to the Hub, and its failure says that it is not
     a local folder either.
     """
-    if not os.path.exists(name):
-        try:
-            validate_repo_id(name)
-        except HFValidationError:
-            raise FileNotFoundError(f"{argument}: no such folder: {name}") from None
+    if not os.path.exists(name) and not is_hub_id(name):
+        raise FileNotFoundError(f"{argument}: no such folder: {name}")
     try:
         yield
     except OSError as error:

@@ -14,16 +14,14 @@ likewise); with hf_vlm imported the Auto classes need no `trust_remote_code`. `m
 This module is not shipped with checkpoints; it may import anything.
 """
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import HfHubHTTPError
 
 from .modeling import VLMForConditionalGeneration
-from .paths import cache_root
+from .paths import cache_root, is_hub_id
 from .processing import VLMProcessor
 from .saving import scratch_folder
 
@@ -65,7 +63,7 @@ def model_card(
     config = model.config
     if base_model is None:
         names = [config.vision_config._name_or_path, config.text_config._name_or_path]
-        base_model = [name for name in names if _is_hub_id(name)]
+        base_model = [name for name in names if is_hub_id(name)]
     reports = [eval_results] if isinstance(eval_results, dict) else list(eval_results or [])
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
@@ -177,15 +175,6 @@ def _explain(error: BaseException) -> str:
             break
         error = error.__cause__
     return "; caused by: ".join(messages)
-
-
-def _is_hub_id(name: str | None) -> bool:
-    """A valid Hub repo id (huggingface_hub's rules) that is not a local path."""
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return bool(name) and not os.path.exists(name)
 
 
 def _eval_results(report: dict) -> list[EvalResult]:

@@ -15,9 +15,8 @@ import os
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
+from ..paths import is_hub_id
 from .easy_vqa import easy_vqa_balanced, easy_vqa_captions, easy_vqa_conversations, easy_vqa_dialogues
 from .llava import first_record, load_captions, load_conversations, load_llava_instruct, load_llava_pretrain
 from .synthetic import synthetic_captions
@@ -144,11 +143,7 @@ def _load_folder(folder: str, split: str) -> Dataset:
 
 def _looks_like_path(source: str) -> bool:
     """A name meant as a local path: not a valid Hub repo id, or a data file's name."""
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        return True
-    return source.endswith((".json", ".jsonl"))
+    return not is_hub_id(source) or source.endswith((".json", ".jsonl"))
 
 
 def _text_length(messages: list[dict]) -> int:
