@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments, set_seed
 from trl import TrlParser
 
+from hf_vlm import cli
 from hf_vlm.checkpoints import checkpoint_to_resume
 from hf_vlm.cli import ModelArguments, load_vlm
 from hf_vlm.data.collators import DEFAULT_CAPTION_PROMPT, CaptionCollator
@@ -26,26 +27,7 @@ from hf_vlm.training import VLMTrainer, set_trainable
 
 
 @dataclass
-class DataArguments:
-    dataset: str = field(
-        default="easy_vqa",
-        metadata={
-            "help": "Comma-separated caption sources: names, JSON/JSONL files, dataset folders or Hub ids "
-            "(hf_vlm.data.sources)."
-        },
-    )
-    image_folder: str | None = field(
-        default=None, metadata={"help": "Folder that relative image paths in a data file start from."}
-    )
-    on_error: str = field(
-        default="raise",
-        metadata={
-            "help": "A bad sample (image, format, too long for max_length): 'raise' names it, "
-            "'skip' drops it with a count.",
-            "choices": ["raise", "skip"],
-        },
-    )
-    max_samples: int | None = field(default=None, metadata={"help": "Train on this many captions at most."})
+class DataArguments(cli.DataArguments):
     prompt: str = field(default=DEFAULT_CAPTION_PROMPT, metadata={"help": "The user turn before each caption."})
     max_length: int | None = field(default=None, metadata={"help": "Truncate longer samples."})
 

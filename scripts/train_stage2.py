@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 from trl import SFTConfig, TrlParser
 
+from hf_vlm import cli
 from hf_vlm.checkpoints import checkpoint_to_resume
 from hf_vlm.cli import ModelArguments, load_vlm
 from hf_vlm.data.collators import ConversationCollator
@@ -26,26 +27,7 @@ from hf_vlm.training import VLMSFTTrainer, apply_lora, set_trainable, trainable_
 
 
 @dataclass
-class DataArguments:
-    dataset: str = field(
-        default="easy_vqa",
-        metadata={
-            "help": "A source name, a LLaVA / TRL / the_cauldron JSON or JSONL file, a dataset folder or a Hub id "
-            "(hf_vlm.data.sources)."
-        },
-    )
-    image_folder: str | None = field(
-        default=None, metadata={"help": "Folder that relative image paths in a data file start from."}
-    )
-    on_error: str = field(
-        default="raise",
-        metadata={
-            "help": "A bad sample (image, format, too long for max_length): 'raise' names it, "
-            "'skip' drops it with a count.",
-            "choices": ["raise", "skip"],
-        },
-    )
-    max_samples: int | None = field(default=None, metadata={"help": "Train on this many conversations at most."})
+class DataArguments(cli.DataArguments):
     curve_every: int | None = field(
         default=None, metadata={"help": "Evaluate easy-VQA accuracy every N samples (a learning curve)."}
     )

@@ -1,7 +1,8 @@
-"""What the command-line scripts share: which model to train, as arguments, and how they become a model.
+"""What the command-line scripts share: which model and data to train on, as arguments, and how they become a model.
 
-`ModelArguments` is parsed by `TrlParser` beside each script's own dataclasses (`scripts/train_stage1.py`,
-`scripts/train_stage2.py`, the demo); `load_vlm` turns it into `(model, processor)`.
+`ModelArguments` and `DataArguments` (which each script extends) are parsed by `TrlParser` beside the trainer's
+arguments (`scripts/train_stage1.py`, `scripts/train_stage2.py`, the demo); `load_vlm` turns `ModelArguments` into
+`(model, processor)`.
 """
 
 from dataclasses import dataclass, field
@@ -36,6 +37,31 @@ class ModelArguments:
     feature_cache_dir: str | None = field(
         default=None, metadata={"help": "Root of the feature cache; default $HF_VLM_CACHE/vision_features."}
     )
+
+
+@dataclass
+class DataArguments:
+    """Which data to train on, as both scripts take it; each script adds its own fields."""
+
+    dataset: str = field(
+        default="easy_vqa",
+        metadata={
+            "help": "A source name, a LLaVA / TRL / the_cauldron / caption-row JSON or JSONL file, a dataset folder "
+            "or a Hub id (hf_vlm.data.sources); stage 1 takes several, comma-separated."
+        },
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder that relative image paths in a data file start from."}
+    )
+    on_error: str = field(
+        default="raise",
+        metadata={
+            "help": "A bad sample (image, format, too long for max_length): 'raise' names it, "
+            "'skip' drops it with a count.",
+            "choices": ["raise", "skip"],
+        },
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "Train on this many samples at most."})
 
 
 def load_vlm(args: ModelArguments) -> tuple[VLMForConditionalGeneration, VLMProcessor]:
