@@ -28,6 +28,16 @@ def pair():
     return ours, llava, torch.tensor([image_prompt(config)]), pixels
 
 
+def test_logits_match_llava_with_copied_weights():
+    """With the mlp projector and Llava's weights copied in (same keys, no map), logits equal Llava's."""
+    ours, llava, ids, pixels = pair()
+    with torch.no_grad():
+        diff = (
+            ours(input_ids=ids, pixel_values=pixels).logits - llava(input_ids=ids, pixel_values=pixels).logits
+        ).abs()
+    assert diff.max() < 1e-5
+
+
 @pytest.mark.parametrize("head", [True, False], ids=["for_conditional_generation", "base_model"])
 def test_return_dict_false_gives_the_tuple_llava_gives(head):
     """forward(return_dict=False), or config.return_dict=False, gives a tuple whose first entry equals Llava's."""

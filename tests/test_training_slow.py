@@ -40,6 +40,14 @@ def tiny_stage1_recipe(backbones, path, **overrides):
     return write_recipe(path, **(entries | overrides))
 
 
+def tiny_stage2_recipe(path, **entries):
+    common = dict(
+        max_samples=16, per_device_train_batch_size=4, max_steps=3, learning_rate=0.001, projector_learning_rate=0.01,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+    )  # fmt: skip
+    return write_recipe(path, **(common | entries))
+
+
 def run(command, **kwargs):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -52,21 +60,8 @@ def test_both_scripts_run_from_the_command_line_with_yaml_recipes(backbones, tmp
 
     stage1 = tiny_stage1_recipe(backbones, tmp_path / "stage1.yaml", output_dir=str(tmp_path / "s1"))
     run([sys.executable, "scripts/train_stage1.py", "--config", str(stage1)])
-    stage2 = write_recipe(
-        tmp_path / "stage2.yaml",
-        model_name_or_path=str(tmp_path / "s1"),
-        output_dir=str(tmp_path / "s2"),
-        max_samples=16,
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=0.001,
-        projector_learning_rate=0.01,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
+    stage2 = tiny_stage2_recipe(
+        tmp_path / "stage2.yaml", model_name_or_path=str(tmp_path / "s1"), output_dir=str(tmp_path / "s2")
     )
     run([sys.executable, "scripts/train_stage2.py", "--config", str(stage2)])
     for folder in ("s1", "s2"):
@@ -191,23 +186,12 @@ def test_two_process_torchrun_stage1_ends_with_identical_weights(backbones, tmp_
 def test_two_process_torchrun_stage2_ends_with_identical_weights(backbones, tmp_path):
     """torchrun --nproc_per_node 2 runs stage 2 (gloo on CPU, projector and LM training, its per-part optimizer made
     by the trainer); both ranks end with the same trained weights, which the main process saved and printed once."""
-    recipe = write_recipe(
+    recipe = tiny_stage2_recipe(
         tmp_path / "ddp.yaml",
         vision_model=backbones["siglip"],
         text_model=backbones["llama"],
         output_dir=str(tmp_path / "ddp"),
-        max_samples=16,
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=0.001,
-        projector_learning_rate=0.01,
         weight_decay=0.1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
     )
     result = torchrun("stage2", recipe)
     assert result.stdout.count("trainable parameters:") == result.stdout.count("training on 16 conversations") == 1, (
