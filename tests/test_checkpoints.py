@@ -160,3 +160,19 @@ def test_every_rank_needs_its_own_rng_state(checkpoint, tmp_path):
     assert checkpoint_problems(ddp, world_size=2) == ["rng_state_1.pth is missing"]
     shutil.copy(ddp / "rng_state_0.pth", ddp / "rng_state_1.pth")
     assert checkpoint_problems(ddp, world_size=2) == []
+
+
+def test_true_finds_checkpoints_that_a_kill_during_the_final_swap_left_beside_the_folder(checkpoint, tmp_path):
+    """A kill between the two renames of the final save leaves output_dir absent and its old version (with the
+    checkpoints) beside it; `true` repairs that first and resumes from the newest checkpoint."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old = tmp_path / f".run.old-{socket.gethostname()}-{dead.stdout.strip()}-0badf00d"
+    run_folder(checkpoint, old, complete=[3], killed=[])
+    output_dir = tmp_path / "run"
+    assert not output_dir.exists()
+    assert checkpoint_to_resume(args(output_dir, "true")) == str(output_dir / "checkpoint-3")
+    assert not old.exists()

@@ -49,7 +49,7 @@ def old_folder(root: Path) -> Path:
     (folder / "checkpoint-1").mkdir(parents=True)
     (folder / "checkpoint-2").mkdir()
     (folder / "weights").write_text("old weights")
-    (folder / "README.md").write_text("a stale card")
+    (folder / "README.md").write_text("---\nlicense: mit\n---\na stale card")
     (folder / "checkpoint-1" / "state").write_text("step 1")
     (folder / "checkpoint-2" / "state").write_text("step 2")
     return folder
@@ -212,11 +212,14 @@ def test_replacing_carries_over_the_users_files_and_drops_stale_model_files(tmp_
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
         "model.safetensors.index.json",
-        "old_projector.py",
+        "projectors.py",
         "tokenizer.json",
         "loss.png",
     ]:
         (folder / stale).write_text("stale")
+    (folder / "README.md").write_text("---\nlibrary_name: transformers\n---\nAn old card.")
+    (folder / "train.py").write_text("the user's script")
+    (folder / "vocab_notes.txt").write_text("the user's notes")
     with replacing(folder) as staging:
         (staging / "model.safetensors").write_text("new weights")
         (staging / "config.json").write_text("new config")
@@ -228,13 +231,24 @@ def test_replacing_carries_over_the_users_files_and_drops_stale_model_files(tmp_
         "latest",
         "model.safetensors",
         "notes.txt",
+        "train.py",
         "train_results.json",
+        "vocab_notes.txt",
         "weights",
     ]  # `weights` is no model file's name: it is the user's
     assert (folder / "data").is_symlink() and (folder / "data").resolve() == tmp_path / "disk"
     assert (folder / "latest").is_symlink() and (folder / "latest" / "state").read_text() == "step 2"
     assert (folder / "notes.txt").read_text() == "my notes" and (folder / "config.json").read_text() == "new config"
     assert siblings(folder) == []
+
+
+def test_a_readme_that_is_no_model_card_stays(tmp_path):
+    """The user's own README.md (no YAML front matter) is carried over; a card is replaced."""
+    folder = old_folder(tmp_path)
+    (folder / "README.md").write_text("# My experiment notes")
+    with replacing(folder) as staging:
+        (staging / "model.safetensors").write_text("new weights")
+    assert (folder / "README.md").read_text() == "# My experiment notes"
 
 
 def test_the_working_directory_is_written_in_place_with_a_warning(tmp_path, monkeypatch):
@@ -449,3 +463,16 @@ def test_stage2_output_has_no_trl_card_and_keeps_its_checkpoints(built, tmp_path
     assert {"checkpoint-1", "checkpoint-2"} <= {p.name for p in output_dir.iterdir() if p.is_dir()}
     assert siblings(output_dir) == []
     VLMForConditionalGeneration.from_pretrained(output_dir)
+
+
+def test_a_save_that_writes_no_weights_raises_and_keeps_the_old_model(built, tmp_path, monkeypatch):
+    """If the trainer's save writes no weights (an FSDP SHARDED_STATE_DICT does that), save_run raises and the old
+    model stays, instead of swapping in a folder without weights."""
+    model, processor = built
+    target = tmp_path / "model"
+    save_run(trainer_for(model, target), processor, target)
+    before = contents(target)
+    monkeypatch.setattr(Trainer, "save_model", lambda self, output_dir=None, _internal_call=False: None)
+    with pytest.raises(RuntimeError, match="wrote no weights"):
+        save_run(trainer_for(model, target), processor, target)
+    assert contents(target) == before and siblings(target) == []

@@ -192,6 +192,7 @@ def test_two_process_torchrun_stage2_ends_with_identical_weights(backbones, tmp_
         text_model=backbones["llama"],
         output_dir=str(tmp_path / "ddp"),
         weight_decay=0.1,
+        seed=0,
     )
     result = torchrun("stage2", recipe)
     assert result.stdout.count("trainable parameters:") == result.stdout.count("training on 16 conversations") == 1, (
@@ -206,3 +207,20 @@ def test_two_process_torchrun_stage2_ends_with_identical_weights(backbones, tmp_
     assert all(torch.equal(first[k], second[k]) for k in first)
     saved = load_file(tmp_path / "ddp" / "model.safetensors")
     assert all(torch.equal(saved[k], first[k]) for k in first)
+    # Each rank's optimizer holds the trainer-made per-part groups, with the recipe's rates and decay...
+    expected = [
+        ("language", 0.001, 0.1),
+        ("language.no_decay", 0.001, 0.0),
+        ("projector", 0.01, 0.1),
+        ("projector.no_decay", 0.01, 0.0),
+    ]
+    assert [sorted(r["groups"]) for r in ranks] == [expected, expected]
+    # ...and both parts trained: the weights moved from the ones the same seed builds.
+    from transformers import set_seed
+
+    from hf_vlm import build_vlm
+
+    set_seed(0)
+    initial = build_vlm(backbones["siglip"], backbones["llama"])[0].state_dict()
+    for part in ("multi_modal_projector", "language_model"):
+        assert any(not torch.equal(initial[k], first[k]) for k in first if part in k), part

@@ -17,6 +17,8 @@ from safetensors import SafetensorError, safe_open
 from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import sort_checkpoints
 
+from .saving import recover
+
 # Part -> the names that hold it, the plain PyTorch one (one process or DDP) first. FSDP and DeepSpeed keep weights and
 # optimizer state in their own files and folders (optimizer.bin, optimizer_0/, pytorch_model_fsdp_0/, global_stepN/),
 # which count by name only: untested here.
@@ -93,9 +95,8 @@ def checkpoint_to_resume(args) -> str | None:
     if text.lower() in ("", "none"):
         return None
     try:
-        wanted = text.lower() == "last" or string_to_bool(
-            text
-        )  # true/false/yes/no/1/0, as HfArgumentParser reads flags
+        # true/false/yes/no/1/0, as HfArgumentParser reads flags
+        wanted = text.lower() == "last" or string_to_bool(text)
     except ArgumentTypeError:  # not a boolean: a path
         problems = checkpoint_problems(text, args.save_only_model, args.world_size)
         if problems:
@@ -106,6 +107,9 @@ def checkpoint_to_resume(args) -> str | None:
         return text
     if not wanted:
         return None
+    with args.main_process_first(desc="repairing an interrupted save"):
+        if args.process_index == 0:  # a kill during the final save's swap may have left checkpoint-N beside the folder
+            recover(args.output_dir)
 
     skipped = []
     for folder in reversed(sort_checkpoints(args.output_dir)):  # newest first

@@ -31,30 +31,34 @@ except ImportError:  # Windows
     fcntl = None
 
 MODEL_FILES = (
-    "*.safetensors",
-    "pytorch_model*.bin",
-    "*.safetensors.index.json",
-    "*.bin.index.json",  # weights and shards
-    "adapter_model.*",
-    "adapter_config.json",  # peft
-    "config.json",
-    "generation_config.json",
-    "*.py",  # config and remote code
-    "tokenizer*",
-    "special_tokens_map.json",
-    "vocab*",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template*",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "README.md",
-    "loss.png",
-    "training_args.bin",  # the card, learning curve and arguments that save_run writes
-)
-"""Top-level files that a model or processor save owns. When `replacing` swaps in a new folder, the old folder's
-files matching these go, so that a stale shard or card cannot stay beside the new ones; all else in it (the user's
-files, symlinks, `checkpoint-N` and other subfolders) is carried over."""
+    # weights and shards
+    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
+    "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json",  # peft
+    # config, and the remote code that save_pretrained copies beside it
+    "config.json", "generation_config.json",
+    "configuration_vlm.py", "modeling_vlm.py", "projectors.py", "processing_vlm.py",
+    # tokenizer and processor
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
+    # what save_run and the demo write besides
+    "loss.png", "training_args.bin",
+)  # fmt: skip
+"""Top-level files that a model or processor save owns, by exact name (and shard pattern). When `replacing` swaps
+in a new folder, the old folder's files matching these go, so that a stale shard cannot stay beside the new ones;
+a `README.md` goes only when it is a model card (it starts with YAML front matter). All else in it (the user's files,
+symlinks, `checkpoint-N` and other subfolders) is carried over."""
+
+
+def _owned(path: Path) -> bool:
+    """Whether `path`, a top-level entry of a model folder, belongs to a model save (see `MODEL_FILES`)."""
+    if path.is_dir() or path.is_symlink():
+        return False
+    if path.name == "README.md":
+        with open(path, "rb") as file:
+            return file.read(4) == b"---\n"
+    return any(fnmatch(path.name, pattern) for pattern in MODEL_FILES)
 
 
 @contextmanager
@@ -152,8 +156,7 @@ def _swap(staging: Path, folder: Path) -> None:
 def _carry_over(source: Path, target: Path) -> None:
     """Move what `source` has and `target` lacks into `target`, except `MODEL_FILES` (renames: nothing is copied)."""
     for path in sorted(source.iterdir()):
-        owned = not path.is_dir() and any(fnmatch(path.name, pattern) for pattern in MODEL_FILES)
-        if not owned and not os.path.lexists(target / path.name):
+        if not _owned(path) and not os.path.lexists(target / path.name):
             os.replace(path, target / path.name)
 
 

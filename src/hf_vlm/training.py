@@ -138,7 +138,8 @@ def save_run(trainer: Trainer, processor=None, output_dir: str | os.PathLike | N
     `from_pretrained` loads the folder as it is and the trained peft model stays as it was. The folder is replaced in
     one swap (`hf_vlm.saving.replacing`): a kill leaves the old model or the new one, never a mix. What else it
     holds (`checkpoint-N`, logs, the user's files and symlinks) stays; files of an earlier model save that this one
-    did not write (old weight shards, an old card: `hf_vlm.saving.MODEL_FILES`) do not. Where the folder cannot be
+    did not write (old weight shards, an old model card: `hf_vlm.saving.MODEL_FILES`) do not. A save that wrote no
+    weights raises and leaves the folder as it was. Where the folder cannot be
     renamed (the working directory, a mount point, a parent the user cannot write to) it is written in place, with
     a warning.
     """
@@ -153,6 +154,9 @@ def save_run(trainer: Trainer, processor=None, output_dir: str | os.PathLike | N
         else:  # Trainer's, not the subclass's: that one would come back here
             Trainer.save_model(trainer, str(folder), _internal_call=True)
         if writer:
+            if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+                # e.g. FSDP with a SHARDED_STATE_DICT: the swap would replace a model with a folder of no weights
+                raise RuntimeError(f"Saving to {output_dir} wrote no weights; {output_dir} is left as it was.")
             processor.save_pretrained(folder)
             save_loss_curve(trainer.state.log_history, folder / "loss.png")
     trainer.accelerator.wait_for_everyone()  # no process goes on before the folder is whole

@@ -1,5 +1,6 @@
-"""Run scripts/train_<stage>.py's main under torchrun and save each rank's trainable weights and the number of images
-its data loader validated (rank{N}.pt, beside the output folder, which the final save replaces whole).
+"""Run scripts/train_<stage>.py's main under torchrun and save each rank's trainable weights, its optimizer's groups
+(name, initial lr, weight decay) and the number of images its data loader validated (rank{N}.pt, beside the output
+folder, which the final save replaces whole).
 
     torchrun --nproc_per_node 2 tests/launch/train_per_rank.py stage1 --config recipe.yaml
 """
@@ -35,5 +36,6 @@ if __name__ == "__main__":
     trainer = script.main(*args)
     model = trainer.accelerator.unwrap_model(trainer.model)
     weights = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
-    rank = {"weights": weights, "world_size": trainer.args.world_size, "validated": len(validated)}
+    groups = [(g["name"], g["initial_lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups]
+    rank = {"weights": weights, "groups": groups, "world_size": trainer.args.world_size, "validated": len(validated)}
     torch.save(rank, Path(args[-1].output_dir).parent / f"rank{trainer.args.process_index}.pt")
