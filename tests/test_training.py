@@ -270,3 +270,13 @@ def test_stage2_learning_curve_records_points(stage1_folder, tmp_path):
     assert [point["samples"] for point in points] == [0, 8, 16]
     assert set(points[0]["metrics"]) >= {"overall", "yes/no"} and "blind_accuracy" in points[-1]["metrics"]["overall"]
     assert (tmp_path / "curve" / "curve" / "curve.png").stat().st_size > 0
+
+
+def test_a_parameter_of_no_part_is_an_error_not_the_language_rate():
+    """A name the parts do not cover (FSDP1's flattened parameters) raises instead of taking the LM's rate."""
+    from hf_vlm.training import part_of
+
+    assert part_of("base_model.model.model.multi_modal_projector.linear_1.weight") == "projector"
+    assert part_of("lm_head.weight") == "language"
+    with pytest.raises(ValueError, match="belongs to no part"):
+        part_of("_fsdp_wrapped_module._flat_param")

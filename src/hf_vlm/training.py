@@ -45,7 +45,10 @@ def part_of(parameter_name: str) -> str:
     for part, attribute in PARTS.items():
         if f"{attribute}." in parameter_name:
             return part
-    return "language"  # lm_head
+    if "lm_head." in parameter_name:
+        return "language"
+    # e.g. FSDP1 with use_orig_params=False flattens every name: the per-part rates would silently be lost
+    raise ValueError(f"Parameter {parameter_name!r} belongs to no part of the VLM ({', '.join(PARTS)}, lm_head).")
 
 
 def set_trainable(model: nn.Module, *, vision: bool, projector: bool, language: bool) -> dict[str, int]:
