@@ -30,7 +30,7 @@ import train_stage2
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 from trl import SFTConfig, TrlParser
 
-from hf_vlm.cli import ModelArguments
+from hf_vlm.cli import ModelArguments, stage_arguments
 from hf_vlm.data import easy_vqa_captions
 from hf_vlm.evaluation import easy_vqa_caption_accuracy, easy_vqa_test_questions, generate_answers
 from hf_vlm.feature_cache import VisionFeatureCache
@@ -78,15 +78,6 @@ class Stopwatch:
         yield
         self.seconds[name] = round(time.perf_counter() - start, 1)
         print(f"=== {name}: {self.seconds[name]:.0f} s ===", flush=True)
-
-
-def stage_arguments(recipe: str, dataclass_types: tuple, output_dir: Path, **overrides) -> list:
-    """Parse a YAML recipe into its script's dataclasses as `--config recipe --name value ...` would on the command
-    line (TrlParser, the scripts' own parser): `overrides` and `output_dir` become flags after the recipe."""
-    flags = ["--config", recipe, "--output_dir", str(output_dir)]
-    for name, value in overrides.items():
-        flags += [f"--{name}", str(value)]
-    return list(TrlParser(dataclass_types).parse_args_and_config(flags))
 
 
 def main(args: DemoArguments) -> dict:

@@ -6,8 +6,10 @@ arguments (`scripts/train_stage1.py`, `scripts/train_stage2.py`, the demo); `loa
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from trl import TrlParser
 
 from .build import build_vlm, loading_from
 from .modeling import VLMForConditionalGeneration
@@ -76,3 +78,12 @@ def load_vlm(args: ModelArguments) -> tuple[VLMForConditionalGeneration, VLMProc
     if args.vision_feature_layer is not None:
         overrides["vision_feature_layer"] = args.vision_feature_layer
     return build_vlm(args.vision_model, args.text_model, args.projector_type, image_size=args.image_size, **overrides)
+
+
+def stage_arguments(recipe: str, dataclass_types: tuple, output_dir: Path, **overrides) -> list:
+    """Parse a YAML recipe into its script's dataclasses as `--config recipe --name value ...` would on the command
+    line (TrlParser, the scripts' own parser): `overrides` and `output_dir` become flags after the recipe."""
+    flags = ["--config", recipe, "--output_dir", str(output_dir)]
+    for name, value in overrides.items():
+        flags += [f"--{name}", str(value)]
+    return list(TrlParser(dataclass_types).parse_args_and_config(flags))

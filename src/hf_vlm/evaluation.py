@@ -16,6 +16,7 @@ Rows are in the conversation shape (`hf_vlm.data.schema`) plus `answer` and `que
 import json
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import evaluate
@@ -136,11 +137,15 @@ def evaluate_vqa(
 ) -> dict:
     """Answers with the image and blind, and their VQA accuracy overall and per `question_type`.
 
-    Returns `{"metrics": vqa_metrics(samples), "samples": samples}`, one sample per row:
-    `{"id", "question_type", "question", "answer", "prediction", "blind_prediction"}`.
+    Returns `{"metrics": vqa_metrics(samples), "samples": samples, "generation_seconds"}`, one sample per row:
+    `{"id", "question_type", "question", "answer", "prediction", "blind_prediction"}`; `generation_seconds` is
+    the wall time of each pass, `{"with_image", "blind"}` (the projector study's latency).
     """
+    start = time.perf_counter()
     predictions = generate_answers(model, processor, dataset, batch_size, max_new_tokens, feature_cache=feature_cache)
+    middle = time.perf_counter()
     blind_predictions = generate_answers(model, processor, dataset, batch_size, max_new_tokens, blind=True)
+    seconds = {"with_image": middle - start, "blind": time.perf_counter() - middle}
     samples = []
     # Without the image column, iterating decodes no pictures.
     rows = dataset.select_columns(["id", "question_type", "answer", "messages"])
@@ -157,7 +162,7 @@ def evaluate_vqa(
                 "blind_prediction": blind_prediction,
             }
         )
-    return {"metrics": vqa_metrics(samples), "samples": samples}
+    return {"metrics": vqa_metrics(samples), "samples": samples, "generation_seconds": seconds}
 
 
 def markdown_table(metrics_by_group: dict) -> str:

@@ -1,0 +1,384 @@
+"""The projector study: every design trained and evaluated the same way, side by side (`scripts/compare_projectors.py`).
+
+For each design of `DESIGNS` and each seed, stage 1 then stage 2 run through the training scripts' own `main`
+functions, on the same backbones, data, sample budget and seed; then the model answers the same held-out easy-VQA
+questions with and without the image. Each design runs in its own spawned process, so that its peak memory
+(`ru_maxrss` on CPU, `torch.cuda.max_memory_allocated` on a GPU) is its own. `summarize` aggregates the seeds
+(mean, min, max, std) and divides each design's timings by `mlp`'s from the same run; `write_outputs` writes
+`projectors.json`, `projectors.md` and two figures.
+
+The library does not import the scripts: the caller passes the two stages as `Stage`s (their `main`, their
+dataclasses and a recipe), which a spawned process imports back by name.
+"""
+
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cli import stage_arguments
+from .data import easy_vqa_captions
+from .evaluation import easy_vqa_caption_accuracy, easy_vqa_test_questions, evaluate_vqa
+from .training import trainable_parameters
+
+# Each design is a set of `ModelArguments` fields. Token counts follow from the tower's patch grid (4 x 4 for both
+# backbones here: EfficientNet-Lite0 at 128 px, the quick SigLIP at 16 px with 4 px patches), so the compressing
+# designs make 4 tokens and the others 16. Pixel shuffle's LayerNorm has no switch in VLMConfig, so "with and
+# without its LayerNorm" is not a design yet.
+DESIGNS = {
+    "linear": {"projector_type": "linear"},
+    "mlp": {"projector_type": "mlp"},
+    "pixel_shuffle_r1": {"projector_type": "pixel_shuffle", "pixel_shuffle_factor": 1},
+    "pixel_shuffle_r2": {"projector_type": "pixel_shuffle", "pixel_shuffle_factor": 2},
+    "c_abstractor_4": {"projector_type": "c_abstractor", "projector_num_tokens": 4},
+    "c_abstractor_16": {"projector_type": "c_abstractor", "projector_num_tokens": 16},
+    "resampler_4": {"projector_type": "resampler", "projector_num_tokens": 4},
+    "resampler_16": {"projector_type": "resampler", "projector_num_tokens": 16},
+}
+QUICK_DESIGNS = ("mlp", "pixel_shuffle_r2", "c_abstractor_4", "resampler_4")
+
+
+@dataclass
+class StudyArguments:
+    output_dir: str = field(default="runs/projectors", metadata={"help": "Where the runs and reports go."})
+    quick: bool = field(default=False, metadata={"help": "Tiny random backbones and a few steps: a smoke run."})
+    designs: str | None = field(
+        default=None, metadata={"help": f"Comma-separated keys of DESIGNS; default all ({', '.join(DESIGNS)})."}
+    )
+    seeds: str = field(default="0,1", metadata={"help": "Comma-separated training seeds; the questions stay fixed."})
+    stage1_samples: int | None = field(default=None, metadata={"help": "Captions per design; default 480."})
+    stage2_samples: int | None = field(default=None, metadata={"help": "Conversations per design; default 1000."})
+    eval_questions: int | None = field(default=None, metadata={"help": "Held-out questions; default 300."})
+    caption_images: int | None = field(default=None, metadata={"help": "Stage-1 caption check images; default 96."})
+    threads: int | None = field(default=None, metadata={"help": "torch threads; default: all cores."})
+
+    def budget(self) -> dict:
+        """The sample budget every design gets: the given values, else the quick or the default ones."""
+        default = (64, 32, 32, 16) if self.quick else (480, 1000, 300, 96)
+        given = (self.stage1_samples, self.stage2_samples, self.eval_questions, self.caption_images)
+        names = ("stage1_samples", "stage2_samples", "eval_questions", "caption_images")
+        return {name: value or fallback for name, value, fallback in zip(names, given, default)}
+
+
+@dataclass
+class Stage:
+    """One training script as the study drives it: `main(*parsed)`, the dataclasses it parses, its YAML recipe."""
+
+    main: Callable
+    dataclass_types: tuple
+    recipe: str
+
+
+def tiny_backbones(folder: Path) -> tuple[Path, Path]:
+    """A random SigLIP tower (16 px, 4 px patches, width 32) and a random 2-layer Llama with a small BPE tokenizer
+    trained on easy-VQA's words, saved as build_vlm takes them. Seeded: the same folders every time."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    from .data.easy_vqa import CAPTION_TEMPLATES, COLORS, SHAPES
+
+    torch.manual_seed(0)
+    vision, text = folder / "siglip", folder / "llama"
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    SiglipVisionModel(SiglipVisionConfig(**tower, image_size=16, patch_size=4)).save_pretrained(vision)
+    SiglipImageProcessor(size={"height": 16, "width": 16}).save_pretrained(vision)
+
+    corpus = [t.format(color=c, shape=s) for t in CAPTION_TEMPLATES for c in COLORS for s in SHAPES]
+    corpus += ["What color is the shape? What shape is in the image? Is there a circle? yes no user assistant"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=alphabet)
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    lm = LlamaConfig(
+        **tower,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(lm).save_pretrained(text)
+    tokenizer.save_pretrained(text)
+    return vision, text
+
+
+def run_design(name: str, seeds: list[int], settings: dict, stages: tuple[Stage, Stage], out: Path) -> list[dict]:
+    """Train and evaluate one design once per seed, in this process; one measurement dict per seed.
+
+    `settings` holds the backbones (`vision`, `text`, `image_size`), the budget and `threads`.
+    """
+    torch.set_num_threads(settings["threads"])
+    stage1, stage2 = stages
+    budget, gpu = settings["budget"], torch.cuda.is_available()
+    questions = easy_vqa_test_questions(budget["eval_questions"])
+    captions = easy_vqa_captions("test").select(range(budget["caption_images"]))
+    runs = []
+    for seed in seeds:
+        folder = out / name / f"seed{seed}"
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        aligner = stage1.main(
+            *stage_arguments(
+                stage1.recipe,
+                stage1.dataclass_types,
+                folder / "stage1",
+                vision_model=settings["vision"],
+                text_model=settings["text"],
+                image_size=settings["image_size"],
+                max_samples=budget["stage1_samples"],
+                seed=seed,
+                **DESIGNS[name],
+                **settings["stage1_flags"],
+            )
+        )
+        model = aligner.model
+        caption = easy_vqa_caption_accuracy(model, aligner.processing_class, captions)
+        tuner = stage2.main(
+            *stage_arguments(
+                stage2.recipe,
+                stage2.dataclass_types,
+                folder / "stage2",
+                model_name_or_path=folder / "stage1",
+                max_samples=budget["stage2_samples"],
+                seed=seed,
+                **settings["stage2_flags"],
+            )
+        )
+        model = tuner.model
+        # No feature cache here: the latency is that of a user's generate call, tower included.
+        results = evaluate_vqa(model, tuner.processing_class, questions, batch_size=16, max_new_tokens=8)
+        seconds = results["generation_seconds"]["with_image"]
+        memory = (
+            torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        runs.append(
+            {
+                "design": name,
+                "seed": seed,
+                "settings": DESIGNS[name],
+                "image_seq_length": model.config.image_seq_length,
+                "trainable_parameters": {
+                    "stage1": sum(trainable_parameters(aligner.model).values()),
+                    "stage2": sum(trainable_parameters(model).values()),
+                },
+                "train": {"stage1": _train_speed(aligner), "stage2": _train_speed(tuner)},
+                # On a CPU, the process's peak resident memory so far: the larger seed's, both seeds included.
+                "peak_memory_mib": memory / 2**20,
+                "latency_ms_per_answer": 1000 * seconds / len(questions),
+                "metrics": results["metrics"],
+                "stage1_caption_accuracy": caption,
+            }
+        )
+    return runs
+
+
+def _train_speed(trainer) -> dict:
+    """Samples per second and seconds of `trainer.train()`, from the trainer's closing log entry."""
+    last = next(entry for entry in reversed(trainer.state.log_history) if "train_samples_per_second" in entry)
+    return {"samples_per_s": last["train_samples_per_second"], "seconds": last["train_runtime"]}
+
+
+def flat_measurements(run: dict) -> dict[str, float]:
+    """The numbers of one run under flat names, which `summarize` aggregates over seeds."""
+    values = {
+        "image_seq_length": run["image_seq_length"],
+        "trainable_stage1": run["trainable_parameters"]["stage1"],
+        "trainable_stage2": run["trainable_parameters"]["stage2"],
+        "samples_per_s_stage1": run["train"]["stage1"]["samples_per_s"],
+        "samples_per_s_stage2": run["train"]["stage2"]["samples_per_s"],
+        "train_s": run["train"]["stage1"]["seconds"] + run["train"]["stage2"]["seconds"],
+        "peak_memory_mib": run["peak_memory_mib"],
+        "latency_ms_per_answer": run["latency_ms_per_answer"],
+        "caption_both": run["stage1_caption_accuracy"]["both"],
+    }
+    for group, metric in run["metrics"].items():
+        values[f"accuracy_{group}"] = metric["accuracy"]
+        values[f"blind_{group}"] = metric["blind_accuracy"]
+    return values
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per design: mean, min, max and std over seeds of every flat measurement, and timing ratios to `mlp`.
+
+    Ratios divide means: samples/s over mlp's (above 1: faster), latency and train time over mlp's (below 1:
+    faster). They are absent when mlp was not part of the run.
+    """
+    designs = {}
+    for run in runs:
+        designs.setdefault(run["design"], []).append(flat_measurements(run))
+    summary = {}
+    for name, seeds in designs.items():
+        summary[name] = {
+            key: {
+                "mean": statistics.fmean(values),
+                "min": min(values),
+                "max": max(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "n": len(values),
+            }
+            for key in seeds[0]
+            for values in [[seed[key] for seed in seeds]]
+        }
+    if "mlp" in summary:
+        mlp = summary["mlp"]
+        for stats in summary.values():
+            stats["ratio_to_mlp"] = {
+                key: stats[key]["mean"] / mlp[key]["mean"]
+                for key in ("samples_per_s_stage1", "samples_per_s_stage2", "train_s", "latency_ms_per_answer")
+            }
+    return summary
+
+
+def main(args: StudyArguments, stages: tuple[Stage, Stage], command: list[str] | None = None) -> dict:
+    """Run every design (each in a spawned process) and write the reports; returns what `projectors.json` holds."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = args.designs.split(",") if args.designs else list(QUICK_DESIGNS if args.quick else DESIGNS)
+    unknown = [name for name in names if name not in DESIGNS]
+    if unknown:
+        raise ValueError(f"Unknown designs {unknown}; choose from {list(DESIGNS)}.")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    if args.quick:
+        vision, text = tiny_backbones(out / "backbones")
+        image_size = None  # a ViT fixes its own
+        steps = dict(per_device_train_batch_size=16, logging_steps=1)
+    else:
+        from .offline.pretrained_parts import efficientnet_lite0, smollm2_135m_instruct
+
+        vision, text, image_size, steps = efficientnet_lite0(image_size=128), smollm2_135m_instruct(), 128, {}
+    settings = {
+        "vision": str(vision),
+        "text": str(text),
+        "image_size": image_size,
+        "budget": args.budget(),
+        "threads": args.threads or os.cpu_count(),
+        "stage1_flags": steps,
+        "stage2_flags": steps,
+    }
+
+    runs, start = [], time.perf_counter()
+    # spawn, not fork: a fresh interpreter per design, so ru_maxrss counts that design only.
+    context = multiprocessing.get_context("spawn")
+    for name in names:
+        print(f"\n=== {name} (seeds {seeds}) ===", flush=True)
+        with context.Pool(1) as pool:
+            runs += pool.apply(run_design, (name, seeds, settings, stages, out))
+    report = {
+        "command": command or sys.argv,
+        "arguments": asdict(args),
+        "settings": settings
+        | {"recipes": [stage.recipe for stage in stages], "designs": {n: DESIGNS[n] for n in names}},
+        "device": "cuda" if torch.cuda.is_available() else f"cpu ({settings['threads']} threads)",
+        "total_s": time.perf_counter() - start,
+        "runs": runs,
+        "summary": summarize(runs),
+    }
+    write_outputs(report, out)
+    return report
+
+
+def markdown_table(summary: dict) -> str:
+    """The study's table: one row per design, means with their seed spread (min-max)."""
+
+    def spread(stats: dict, scale: float = 100, digits: int = 1) -> str:
+        return (
+            f"{scale * stats['mean']:.{digits}f} ({scale * stats['min']:.{digits}f}-{scale * stats['max']:.{digits}f})"
+        )
+
+    def ratio(stats: dict, key: str) -> str:
+        return f" ({stats['ratio_to_mlp'][key]:.2f}x)" if "ratio_to_mlp" in stats else ""
+
+    types = sorted(
+        {key[len("accuracy_") :] for stats in summary.values() for key in stats if key.startswith("accuracy_")}
+        - {"overall"}
+    )
+    header = (
+        [
+            "design",
+            "tokens",
+            "trainable params (stage 1 / 2)",
+            "samples/s stage 1 (vs mlp)",
+            "samples/s stage 2 (vs mlp)",
+        ]
+        + ["peak memory (MiB)", "latency ms/answer (vs mlp)", "accuracy % (min-max)"]
+        + [f"{kind} %" for kind in types]
+        + ["blind %", "stage-1 captions right %"]
+    )
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, stats in summary.items():
+        cells = [
+            name,
+            f"{stats['image_seq_length']['mean']:.0f}",
+            f"{stats['trainable_stage1']['mean']:,.0f} / {stats['trainable_stage2']['mean']:,.0f}",
+            f"{stats['samples_per_s_stage1']['mean']:.1f}{ratio(stats, 'samples_per_s_stage1')}",
+            f"{stats['samples_per_s_stage2']['mean']:.1f}{ratio(stats, 'samples_per_s_stage2')}",
+            f"{stats['peak_memory_mib']['max']:.0f}",
+            f"{stats['latency_ms_per_answer']['mean']:.1f}{ratio(stats, 'latency_ms_per_answer')}",
+            spread(stats["accuracy_overall"]),
+            *[spread(stats[f"accuracy_{kind}"]) for kind in types],
+            spread(stats["blind_overall"]),
+            spread(stats["caption_both"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_against(summary: dict, key: str, label: str, path) -> None:
+    """Overall accuracy against one measurement (`key`), a point per design with its seed min-max as error bars."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg, no pyplot state
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.subplots()
+    for name, stats in summary.items():
+        x, y = stats[key], stats["accuracy_overall"]
+        axes.errorbar(
+            x["mean"],
+            100 * y["mean"],
+            xerr=[[x["mean"] - x["min"]], [x["max"] - x["mean"]]],
+            yerr=[[100 * (y["mean"] - y["min"])], [100 * (y["max"] - y["mean"])]],
+            fmt="o",
+            capsize=3,
+        )
+        axes.annotate(name, (x["mean"], 100 * y["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axes.set_xlabel(label)
+    axes.set_ylabel("VQA accuracy with the image (%)")
+    axes.set_title(f"Projector designs: accuracy against {label} (bars: seed min-max)")
+    figure.savefig(path, dpi=120)
+
+
+def write_outputs(report: dict, out: Path) -> dict[str, Path]:
+    """`projectors.json` (everything), `projectors.md` (the table and the command) and the two figures."""
+    paths = {
+        name: out / name for name in ("projectors.json", "projectors.md", "accuracy_tokens.png", "accuracy_time.png")
+    }
+    paths["projectors.json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    budget = report["settings"]["budget"]
+    paths["projectors.md"].write_text(
+        f"# Projector designs on easy-VQA\n\n`{' '.join(report['command'])}` on {report['device']}, "
+        f"{report['total_s']:.0f} s; seeds {report['arguments']['seeds']}; budget {budget}.\n\n"
+        + markdown_table(report["summary"])
+    )
+    plot_accuracy_against(
+        report["summary"], "image_seq_length", "visual tokens per image", paths["accuracy_tokens.png"]
+    )
+    plot_accuracy_against(report["summary"], "train_s", "train time, both stages (s)", paths["accuracy_time.png"])
+    return paths
