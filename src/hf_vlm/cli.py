@@ -2,7 +2,8 @@
 
 `ModelArguments` and `DataArguments` (which each script extends) are parsed by `TrlParser` beside the trainer's
 arguments (`scripts/train_stage1.py`, `scripts/train_stage2.py`, the demo); `load_vlm` turns `ModelArguments` into
-`(model, processor)`.
+`(model, processor)`; `stage_arguments` parses a stage's recipe plus overrides for the scripts that drive the stages
+(the demo, the projector study).
 """
 
 from dataclasses import dataclass, field

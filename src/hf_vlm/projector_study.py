@@ -319,7 +319,7 @@ def markdown_table(summary: dict) -> str:
             "samples/s stage 1 (vs mlp)",
             "samples/s stage 2 (vs mlp)",
         ]
-        + ["peak memory (MiB)", "latency ms/answer (vs mlp)", "accuracy % (min-max)"]
+        + ["peak memory (MiB)", "latency ms/answer, batch 16 (vs mlp)", "accuracy % (min-max)"]
         + [f"{kind} %" for kind in types]
         + ["blind %", "stage-1 captions right %"]
     )
