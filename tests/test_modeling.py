@@ -341,3 +341,23 @@ def test_frozen_vision_tower_builds_no_graph(model):
     assert features.last_hidden_state.grad_fn is None
     assert features.pooler_output[0].requires_grad
     assert math.isfinite(features.pooler_output[0].sum().item())
+
+
+def test_pixel_shuffle_without_its_layernorm():
+    """pixel_shuffle_layernorm=False leaves InternVL's LayerNorm out (no norm weights, other outputs); the default
+    keeps it, so configs saved before the field load the same."""
+    from hf_vlm import VLMConfig
+
+    with_norm = tiny_model(projector_type="pixel_shuffle")
+    without = tiny_model(projector_type="pixel_shuffle", pixel_shuffle_layernorm=False)
+    assert any(".norm." in k for k in with_norm.state_dict())
+    assert not any(".norm." in k for k in without.state_dict() if "multi_modal_projector" in k)
+    features = torch.randn(2, with_norm.config.vision_num_patches, with_norm.config.vision_feature_size) * 50
+    with torch.no_grad():
+        without.model.multi_modal_projector.linear.weight.copy_(with_norm.model.multi_modal_projector.linear.weight)
+        assert not torch.allclose(
+            with_norm.model.multi_modal_projector(features), without.model.multi_modal_projector(features)
+        )
+    saved = with_norm.config.to_dict()
+    del saved["pixel_shuffle_layernorm"]
+    assert VLMConfig(**saved).pixel_shuffle_layernorm is True

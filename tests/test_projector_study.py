@@ -9,7 +9,7 @@ from hf_vlm.projector_study import DESIGNS, markdown_table, summarize
 @pytest.mark.parametrize("name", list(DESIGNS))
 def test_each_design_makes_the_tokens_its_name_says_on_a_4x4_grid(name):
     """On a 4 x 4 patch grid (both study backbones), compressing designs make 4 tokens and the others 16."""
-    compressing = name.endswith(("_r2", "_4"))
+    compressing = "_r2" in name or name.endswith("_4")
     assert tiny_config(**DESIGNS[name]).image_seq_length == (4 if compressing else 16)
 
 

@@ -33,6 +33,7 @@ class ModelArguments:
     vision_feature_layer: int | None = field(default=None, metadata={"help": "Hidden state fed to the projector."})
     projector_num_tokens: int = field(default=64, metadata={"help": "Tokens per image for c_abstractor / resampler."})
     pixel_shuffle_factor: int = field(default=2, metadata={"help": "r for pixel_shuffle."})
+    pixel_shuffle_layernorm: bool = field(default=True, metadata={"help": "LayerNorm in pixel_shuffle, as InternVL."})
     cache_vision_features: bool = field(
         default=True,
         metadata={"help": "Encode each image once with the frozen tower and train on the stored features."},
@@ -75,7 +76,11 @@ def load_vlm(args: ModelArguments) -> tuple[VLMForConditionalGeneration, VLMProc
             return model, VLMProcessor.from_pretrained(args.model_name_or_path)
     if args.vision_model is None or args.text_model is None:
         raise ValueError("Give model_name_or_path, or both vision_model and text_model.")
-    overrides = {"projector_num_tokens": args.projector_num_tokens, "pixel_shuffle_factor": args.pixel_shuffle_factor}
+    overrides = {
+        "projector_num_tokens": args.projector_num_tokens,
+        "pixel_shuffle_factor": args.pixel_shuffle_factor,
+        "pixel_shuffle_layernorm": args.pixel_shuffle_layernorm,
+    }
     if args.vision_feature_layer is not None:
         overrides["vision_feature_layer"] = args.vision_feature_layer
     return build_vlm(args.vision_model, args.text_model, args.projector_type, image_size=args.image_size, **overrides)

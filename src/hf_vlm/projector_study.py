@@ -31,13 +31,18 @@ from .training import trainable_parameters
 
 # Each design is a set of `ModelArguments` fields. Token counts follow from the tower's patch grid (4 x 4 for both
 # backbones here: EfficientNet-Lite0 at 128 px, the quick SigLIP at 16 px with 4 px patches), so the compressing
-# designs make 4 tokens and the others 16. Pixel shuffle's LayerNorm has no switch in VLMConfig, so "with and
-# without its LayerNorm" is not a design yet.
+# designs make 4 tokens and the others 16. `pixel_shuffle_r2_no_norm` drops InternVL's LayerNorm: on the CNN's
+# unnormalised maps the norm is what let colour through in an earlier run.
 DESIGNS = {
     "linear": {"projector_type": "linear"},
     "mlp": {"projector_type": "mlp"},
     "pixel_shuffle_r1": {"projector_type": "pixel_shuffle", "pixel_shuffle_factor": 1},
     "pixel_shuffle_r2": {"projector_type": "pixel_shuffle", "pixel_shuffle_factor": 2},
+    "pixel_shuffle_r2_no_norm": {
+        "projector_type": "pixel_shuffle",
+        "pixel_shuffle_factor": 2,
+        "pixel_shuffle_layernorm": False,
+    },
     "c_abstractor_4": {"projector_type": "c_abstractor", "projector_num_tokens": 4},
     "c_abstractor_16": {"projector_type": "c_abstractor", "projector_num_tokens": 16},
     "resampler_4": {"projector_type": "resampler", "projector_num_tokens": 4},

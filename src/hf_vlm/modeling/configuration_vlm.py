@@ -41,6 +41,8 @@ class VLMConfig(PreTrainedConfig):
             patches reach the projector (the name predates register tokens; configs saved before keep working).
             Defaults to `True` when the tower emits any.
         pixel_shuffle_factor (`int`): r for `pixel_shuffle`; r=2 gives 4x fewer image tokens.
+        pixel_shuffle_layernorm (`bool`): whether `pixel_shuffle` normalises the shuffled features (InternVL's
+            LayerNorm) before its linear map.
         projector_num_tokens (`int`): M, the number of tokens `c_abstractor` (a square) and `resampler` emit.
         image_size (`int`, *optional*): input side in pixels; read from the vision config when it has one.
         vision_grid_size (`int`, *optional*): side of the patch grid the tower emits; `image_size // patch_size`
@@ -78,6 +80,7 @@ class VLMConfig(PreTrainedConfig):
     vision_num_prefix_tokens: int | None = None
     drop_cls_token: bool | None = None
     pixel_shuffle_factor: int = 2
+    pixel_shuffle_layernorm: bool = True
     projector_num_tokens: int = 64
     image_size: int | None = None
     vision_grid_size: int | None = None

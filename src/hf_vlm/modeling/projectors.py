@@ -81,7 +81,8 @@ class PixelShuffleProjector(nn.Module):
 
     As in InternVL (https://arxiv.org/abs/2404.16821) and SmolVLM (https://arxiv.org/abs/2504.05299):
     each r x r block of neighbouring patches becomes one token with r*r times the channels. The
-    LayerNorm is InternVL's; it puts features of any encoder (a CNN's unnormalised maps too) on one scale.
+    LayerNorm is InternVL's; it puts features of any encoder (a CNN's unnormalised maps too) on one scale
+    (`config.pixel_shuffle_layernorm=False` leaves it out).
     """
 
     def __init__(self, config):
@@ -89,7 +90,8 @@ class PixelShuffleProjector(nn.Module):
         in_size, out_size = _projector_sizes(config)
         self.factor = config.pixel_shuffle_factor
         self.side = _square_side(config.vision_num_patches, "pixel_shuffle")
-        self.norm = nn.LayerNorm(in_size * self.factor**2)
+        # Identity without it: the study's ablation, and the state dict then holds no norm weights.
+        self.norm = nn.LayerNorm(in_size * self.factor**2) if config.pixel_shuffle_layernorm else nn.Identity()
         self.linear = nn.Linear(in_size * self.factor**2, out_size, bias=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
