@@ -66,13 +66,20 @@ def set_trainable(model: nn.Module, *, vision: bool, projector: bool, language: 
     return trainable_parameters(model)
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, int]:
-    """Trainable parameter count per part (shared tensors counted once)."""
-    counts, seen = dict.fromkeys(PARTS, 0), set()
+def _trainable(model: nn.Module):
+    """`(name, part, parameter)` for each trainable parameter, a tensor shared by two names (tied) once."""
+    seen = set()
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and id(parameter) not in seen:
             seen.add(id(parameter))
-            counts[part_of(name)] += parameter.numel()
+            yield name, part_of(name), parameter
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter count per part (shared tensors counted once)."""
+    counts = dict.fromkeys(PARTS, 0)
+    for _, part, parameter in _trainable(model):
+        counts[part] += parameter.numel()
     return counts
 
 
@@ -87,12 +94,8 @@ def param_groups(
     """
     decay_parameters = set(decay_parameters)
     grouped: dict[str, list[torch.nn.Parameter]] = {}
-    seen = set()
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad and id(parameter) not in seen:
-            seen.add(id(parameter))
-            part = part_of(name)
-            grouped.setdefault(part if name in decay_parameters else f"{part}.no_decay", []).append(parameter)
+    for name, part, parameter in _trainable(model):
+        grouped.setdefault(part if name in decay_parameters else f"{part}.no_decay", []).append(parameter)
     missing = sorted({name.split(".")[0] for name in grouped} - learning_rates.keys())
     if missing:
         raise ValueError(
@@ -142,9 +145,8 @@ def save_run(trainer: Trainer, processor=None, output_dir: str | os.PathLike | N
     one swap (`hf_vlm.saving.replacing`): a kill leaves the old model or the new one, never a mix. What else it
     holds (`checkpoint-N`, logs, the user's files and symlinks) stays; files of an earlier model save that this one
     did not write (old weight shards, an old model card: `hf_vlm.saving.MODEL_FILES`) do not. A save that wrote no
-    weights raises and leaves the folder as it was. Where the folder cannot be
-    renamed (the working directory, a mount point, a parent the user cannot write to) it is written in place, with
-    a warning.
+    weights raises and leaves the folder as it was. Where the folder cannot be renamed (the working directory, a
+    mount point, a parent the user cannot write to) it is written in place, with a warning.
     """
     output_dir = trainer.args.output_dir if output_dir is None else output_dir
     processor = trainer.processing_class if processor is None else processor

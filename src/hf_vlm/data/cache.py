@@ -46,8 +46,6 @@ def write_atomically(path: Path, text: str) -> None:
 
 def file_key(path) -> dict:
     """What identifies a data file's content without reading it: absolute path, size, modification time."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No such data file: {os.fspath(path)}")
     stat = os.stat(path)
     return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 

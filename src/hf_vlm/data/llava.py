@@ -28,6 +28,7 @@ same options reads the stored result.
 import json
 import os
 import re
+from pathlib import Path
 
 from datasets import Dataset, Image, List
 from tqdm.auto import tqdm
@@ -53,20 +54,16 @@ def load_llava_pretrain(
     """
 
     def row(record, index, folder):
-        return _pretrain_row(record, index, folder, decode_images)
+        sample_id, messages, image_paths = _llava_record(record, index, folder)
+        if len(messages) != 2:
+            raise BadSampleError(sample_id, "bad_format", f"expected 2 turns (human, gpt), got {len(messages)}")
+        _check_conversation(messages, len(image_paths), sample_id)
+        if len(image_paths) != 1:
+            raise BadSampleError(sample_id, "image_count_mismatch", f"expected 1 image, got {len(image_paths)}")
+        entry = image_entry(image_paths[0], sample_id, decode=decode_images)
+        return {"id": sample_id, "image": entry, "caption": messages[1]["content"][0]["text"].strip()}
 
     return _load_rows("llava_pretrain", path, image_folder, CAPTION_FEATURES, row, on_error, decode_images, cache)
-
-
-def _pretrain_row(record, index: int, image_folder, decode_images: bool) -> dict:
-    sample_id, messages, image_paths = _llava_record(record, index, image_folder)
-    if len(messages) != 2:
-        raise BadSampleError(sample_id, "bad_format", f"expected 2 turns (human, gpt), got {len(messages)}")
-    _check_conversation(messages, len(image_paths), sample_id)
-    if len(image_paths) != 1:
-        raise BadSampleError(sample_id, "image_count_mismatch", f"expected 1 image, got {len(image_paths)}")
-    entry = image_entry(image_paths[0], sample_id, decode=decode_images)
-    return {"id": sample_id, "image": entry, "caption": messages[1]["content"][0]["text"].strip()}
 
 
 def load_llava_instruct(
@@ -113,7 +110,7 @@ def load_conversations(
         source = source.cast_column("images", List(Image(decode=False)))
 
     def row(record, index, folder):
-        sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+        sample_id = _sample_id(record, index)
         messages, images = _trl_record(record, sample_id)
         _check_conversation(messages, len(images), sample_id)
         entries = [image_entry(_resolve(image, folder), sample_id, decode=decode_images) for image in images]
@@ -141,7 +138,7 @@ def load_captions(
         source = source.cast_column("image", Image(decode=False))
 
     def row(record, index, folder):
-        sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+        sample_id = _sample_id(record, index)
         if not isinstance(record, dict) or "image" not in record or "caption" not in record:
             raise BadSampleError(sample_id, "bad_format", "expected a dict with 'image' and 'caption'")
         caption = record["caption"]
@@ -161,19 +158,27 @@ def first_record(path, prefix_bytes: int = 1 << 20):
     """
     with open(path, "rb") as file:
         head = file.read(prefix_bytes)
-        whole = len(head) < prefix_bytes
-    for attempt in range(2):
-        try:
-            text = head.decode("utf-8-sig").lstrip()
-            if text.startswith("["):
-                start = len(text) - len(text[1:].lstrip())
-                return json.JSONDecoder().raw_decode(text, start)[0]
-            return json.loads(text.splitlines()[0])  # a line cut by the prefix fails, and is read whole below
-        except (UnicodeDecodeError, ValueError, IndexError):
-            if whole or attempt:
-                return None
-            head, whole = open(path, "rb").read(), True  # the first record is longer than the prefix
-    return None
+    record = _parse_first_record(head)
+    if record is None and len(head) == prefix_bytes:  # the first record may run past the prefix
+        record = _parse_first_record(Path(path).read_bytes())
+    return record
+
+
+def _parse_first_record(data: bytes):
+    """The first record in the start of a data file, or None when it does not parse (a cut record included)."""
+    try:
+        text = data.decode("utf-8-sig").lstrip()
+        if text.startswith("["):
+            start = len(text) - len(text[1:].lstrip())
+            return json.JSONDecoder().raw_decode(text, start)[0]
+        return json.loads(text.splitlines()[0])
+    except (UnicodeDecodeError, ValueError, IndexError):
+        return None
+
+
+def _sample_id(record, index: int) -> str:
+    """A record's `id` as a string, else its index in the file."""
+    return str(record.get("id", index)) if isinstance(record, dict) else str(index)
 
 
 def _load_rows(
@@ -183,6 +188,8 @@ def _load_rows(
 
     Files and `Dataset`s are validated once: the result is cached under a key of the source and the options.
     """
+    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        raise FileNotFoundError(f"No such data file: {os.fspath(source)}")
     key = None
     if cache and isinstance(source, Dataset):
         key = {"fingerprint": source._fingerprint}
@@ -234,9 +241,7 @@ def _read_records(path, image_folder):
     line, for JSON Lines).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No such data file: {path}")
-    raw = open(path, "rb").read()
+    raw = Path(path).read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -274,7 +279,7 @@ def _resolve(image, image_folder):
 
 def _llava_record(record, index: int, image_folder):
     """Return `(sample_id, messages, image_paths)` for one LLaVA record, checking its structure."""
-    sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+    sample_id = _sample_id(record, index)
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
         raise BadSampleError(sample_id, "bad_format", "expected a dict with a 'conversations' list")
     images = record.get("image", [])
