@@ -2,8 +2,10 @@
 
 For each design of `DESIGNS` and each seed, stage 1 then stage 2 run through the training scripts' own `main`
 functions, on the same backbones, data, sample budget and seed; then the model answers the same held-out easy-VQA
-questions with and without the image. Each design runs in its own spawned process, so that its peak memory
-(`ru_maxrss` on CPU, `torch.cuda.max_memory_allocated` on a GPU) is its own. `summarize` aggregates the seeds
+questions with and without the image. Each design and seed runs in its own spawned process, so that its peak
+memory (`ru_maxrss` on CPU, `torch.cuda.max_memory_allocated` on a GPU) is its own, and writes its measurements
+to `<design>/seed<seed>/run.json`: a rerun with the same settings reuses them, so a failure late in the study
+loses only the run that failed. `summarize` aggregates the seeds
 (mean, min, max, std) and divides each design's timings by `mlp`'s from the same run; `write_outputs` writes
 `projectors.json`, `projectors.md` and two figures.
 
@@ -126,74 +128,69 @@ def tiny_backbones(folder: Path) -> tuple[Path, Path]:
     return vision, text
 
 
-def run_design(name: str, seeds: list[int], settings: dict, stages: tuple[Stage, Stage], out: Path) -> list[dict]:
-    """Train and evaluate one design once per seed, in this process; one measurement dict per seed.
+def run_design(name: str, seed: int, settings: dict, stages: tuple[Stage, Stage], out: Path) -> dict:
+    """Train and evaluate one design with one seed, in this process; its measurements as a dict.
 
     `settings` holds the backbones (`vision`, `text`, `image_size`), the budget and `threads`.
     """
+    start = time.perf_counter()
     torch.set_num_threads(settings["threads"])
     stage1, stage2 = stages
     budget, gpu = settings["budget"], torch.cuda.is_available()
     questions = easy_vqa_test_questions(budget["eval_questions"])
     captions = easy_vqa_captions("test").select(range(budget["caption_images"]))
-    runs = []
-    for seed in seeds:
-        folder = out / name / f"seed{seed}"
-        if gpu:
-            torch.cuda.reset_peak_memory_stats()
-        aligner = stage1.main(
-            *stage_arguments(
-                stage1.recipe,
-                stage1.dataclass_types,
-                folder / "stage1",
-                vision_model=settings["vision"],
-                text_model=settings["text"],
-                image_size=settings["image_size"],
-                max_samples=budget["stage1_samples"],
-                seed=seed,
-                **DESIGNS[name],
-                **settings["stage1_flags"],
-            )
+    folder = out / name / f"seed{seed}"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    aligner = stage1.main(
+        *stage_arguments(
+            stage1.recipe,
+            stage1.dataclass_types,
+            folder / "stage1",
+            vision_model=settings["vision"],
+            text_model=settings["text"],
+            image_size=settings["image_size"],
+            max_samples=budget["stage1_samples"],
+            seed=seed,
+            **DESIGNS[name],
+            **settings["stage1_flags"],
         )
-        model = aligner.model
-        caption = easy_vqa_caption_accuracy(model, aligner.processing_class, captions)
-        tuner = stage2.main(
-            *stage_arguments(
-                stage2.recipe,
-                stage2.dataclass_types,
-                folder / "stage2",
-                model_name_or_path=folder / "stage1",
-                max_samples=budget["stage2_samples"],
-                seed=seed,
-                **settings["stage2_flags"],
-            )
+    )
+    model = aligner.model
+    caption = easy_vqa_caption_accuracy(model, aligner.processing_class, captions)
+    tuner = stage2.main(
+        *stage_arguments(
+            stage2.recipe,
+            stage2.dataclass_types,
+            folder / "stage2",
+            model_name_or_path=folder / "stage1",
+            max_samples=budget["stage2_samples"],
+            seed=seed,
+            **settings["stage2_flags"],
         )
-        model = tuner.model
-        # No feature cache here: the latency is that of a user's generate call, tower included.
-        results = evaluate_vqa(model, tuner.processing_class, questions, batch_size=16, max_new_tokens=8)
-        seconds = results["generation_seconds"]["with_image"]
-        memory = (
-            torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        )
-        runs.append(
-            {
-                "design": name,
-                "seed": seed,
-                "settings": DESIGNS[name],
-                "image_seq_length": model.config.image_seq_length,
-                "trainable_parameters": {
-                    "stage1": sum(trainable_parameters(aligner.model).values()),
-                    "stage2": sum(trainable_parameters(model).values()),
-                },
-                "train": {"stage1": _train_speed(aligner), "stage2": _train_speed(tuner)},
-                # On a CPU, the process's peak resident memory so far: the larger seed's, both seeds included.
-                "peak_memory_mib": memory / 2**20,
-                "latency_ms_per_answer": 1000 * seconds / len(questions),
-                "metrics": results["metrics"],
-                "stage1_caption_accuracy": caption,
-            }
-        )
-    return runs
+    )
+    model = tuner.model
+    # No feature cache here: the latency is that of a user's generate call, tower included.
+    results = evaluate_vqa(model, tuner.processing_class, questions, batch_size=16, max_new_tokens=8)
+    seconds = results["generation_seconds"]["with_image"]
+    memory = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "design": name,
+        "seed": seed,
+        "settings": DESIGNS[name],
+        "image_seq_length": model.config.image_seq_length,
+        "trainable_parameters": {
+            "stage1": sum(trainable_parameters(aligner.model).values()),
+            "stage2": sum(trainable_parameters(model).values()),
+        },
+        "train": {"stage1": _train_speed(aligner), "stage2": _train_speed(tuner)},
+        # On a CPU, the peak resident memory of this process, which runs this design and seed only.
+        "peak_memory_mib": memory / 2**20,
+        "latency_ms_per_answer": 1000 * seconds / len(questions),
+        "metrics": results["metrics"],
+        "stage1_caption_accuracy": caption,
+        "wall_s": time.perf_counter() - start,  # process start-up not included
+    }
 
 
 def _train_speed(trainer) -> dict:
@@ -254,7 +251,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def main(args: StudyArguments, stages: tuple[Stage, Stage], command: list[str] | None = None) -> dict:
-    """Run every design (each in a spawned process) and write the reports; returns what `projectors.json` holds."""
+    """Run every design and seed (each in a spawned process, or reused from its `run.json` when the settings are
+    the same) and write the reports; returns what `projectors.json` holds."""
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = args.designs.split(",") if args.designs else list(QUICK_DESIGNS if args.quick else DESIGNS)
@@ -283,20 +281,31 @@ def main(args: StudyArguments, stages: tuple[Stage, Stage], command: list[str] |
         "stage2_flags": stage2_steps,
     }
 
-    runs, start = [], time.perf_counter()
-    # spawn, not fork: a fresh interpreter per design, so ru_maxrss counts that design only.
+    runs, reused, start = [], [], time.perf_counter()
+    # spawn, not fork: a fresh interpreter per design and seed, so ru_maxrss counts that run only.
     context = multiprocessing.get_context("spawn")
-    for name in names:
-        print(f"\n=== {name} (seeds {seeds}) ===", flush=True)
-        with context.Pool(1) as pool:
-            runs += pool.apply(run_design, (name, seeds, settings, stages, out))
+    # The design order turns by one per seed, so no design always runs first (on a cold machine) or last.
+    for index, seed in enumerate(seeds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            saved = out / name / f"seed{seed}" / "run.json"
+            if saved.exists() and (previous := json.loads(saved.read_text()))["settings"] == settings:
+                print(f"=== {name}, seed {seed}: reusing {saved} ===", flush=True)
+                runs.append(previous["run"])
+                reused.append(f"{name}/seed{seed}")
+                continue
+            print(f"\n=== {name}, seed {seed} ===", flush=True)
+            with context.Pool(1) as pool:
+                runs.append(pool.apply(run_design, (name, seed, settings, stages, out)))
+            saved.write_text(json.dumps({"settings": settings, "run": runs[-1]}, indent=2) + "\n")
     report = {
         "command": command or sys.argv,
         "arguments": asdict(args),
         "settings": settings
         | {"recipes": [stage.recipe for stage in stages], "designs": {n: DESIGNS[n] for n in names}},
         "device": "cuda" if torch.cuda.is_available() else f"cpu ({settings['threads']} threads)",
-        "total_s": time.perf_counter() - start,
+        "total_s": time.perf_counter() - start,  # this invocation's, without the reused runs
+        "reused": reused,
         "runs": runs,
         "summary": summarize(runs),
     }
@@ -374,6 +383,12 @@ def plot_accuracy_against(summary: dict, key: str, label: str, path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def _reused_note(report: dict) -> str:
+    if not report["reused"]:
+        return ""
+    return f" (and {len(report['reused'])} runs reused from an earlier invocation: {', '.join(report['reused'])})"
+
+
 def write_outputs(report: dict, out: Path) -> dict[str, Path]:
     """`projectors.json` (everything), `projectors.md` (the table and the command) and the two figures."""
     paths = {
@@ -383,7 +398,7 @@ def write_outputs(report: dict, out: Path) -> dict[str, Path]:
     budget = report["settings"]["budget"]
     paths["projectors.md"].write_text(
         f"# Projector designs on easy-VQA\n\n`{' '.join(report['command'])}` on {report['device']}, "
-        f"{report['total_s']:.0f} s; seeds {report['arguments']['seeds']}; budget {budget}.\n\n"
+        f"{report['total_s']:.0f} s{_reused_note(report)}; seeds {report['arguments']['seeds']}; budget {budget}.\n\n"
         + markdown_table(report["summary"])
     )
     plot_accuracy_against(
