@@ -75,14 +75,25 @@ class BadSampleError(ValueError):
 
 
 class SkippedSamplesWarning(UserWarning):
-    """Issued once per load when `on_error="skip"` dropped samples."""
+    """Issued once per load when `on_error="skip"` dropped samples.
+
+    `report` is `SampleErrors.report()` of that load: counts by reason and the first few ids and details of each,
+    which `hf_vlm.doctor` lists.
+    """
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}
 
 
 class SampleErrors:
     """Collects `BadSampleError`s during one load: raises the first, or counts them for one warning.
 
-    Usage: call `handle(error)` for every bad sample, then `finish(total)` once at the end.
+    Usage: call `handle(error)` for every bad sample, then `finish(total)` once at the end. Under "skip" the first
+    `EXAMPLES` errors of each reason are kept as `(id, detail)` pairs, for reports that name more than the first.
     """
+
+    EXAMPLES = 5
 
     def __init__(self, on_error: str):
         if on_error not in ("raise", "skip"):
@@ -90,22 +101,32 @@ class SampleErrors:
         self.on_error = on_error
         self.counts = Counter()
         self.first_ids = {}
+        self.examples = {}
 
     def handle(self, error: BadSampleError) -> None:
         if self.on_error == "raise":
             raise error
         self.counts[error.reason] += 1
         self.first_ids.setdefault(error.reason, error.sample_id)
+        examples = self.examples.setdefault(error.reason, [])
+        if len(examples) < self.EXAMPLES:
+            examples.append([error.sample_id, error.detail])
 
     def report(self) -> dict:
-        """The skip counts and first ids, as `from_report` reads them back (for caches)."""
-        return {"on_error": self.on_error, "counts": dict(self.counts), "first_ids": self.first_ids}
+        """The skip counts, first ids and examples, as `from_report` reads them back (for caches)."""
+        return {
+            "on_error": self.on_error,
+            "counts": dict(self.counts),
+            "first_ids": self.first_ids,
+            "examples": self.examples,
+        }
 
     @classmethod
     def from_report(cls, report: dict) -> "SampleErrors":
         errors = cls(report["on_error"])
         errors.counts.update(report["counts"])
         errors.first_ids.update(report["first_ids"])
+        errors.examples.update(report.get("examples", {}))  # entries stored before examples were kept have none
         return errors
 
     def finish(self, total: int) -> None:
@@ -120,4 +141,4 @@ class SampleErrors:
             # An empty dataset would only fail later, in the trainer, with a less helpful message.
             raise ValueError(f"all {total} samples were skipped: {by_reason}")
         message = f"skipped {skipped} of {total} samples, kept {total - skipped}: {by_reason}"
-        warnings.warn(message, SkippedSamplesWarning, stacklevel=3)
+        warnings.warn(SkippedSamplesWarning(message, self.report()), stacklevel=3)
