@@ -183,6 +183,9 @@ def test_from_llava_checkpoint_gives_its_logits(llava_folder):
         torch.testing.assert_close(model(**inputs).logits, llava(**inputs).logits, atol=1e-5, rtol=0)
 
 
+# The refusal tests pass the session's built processor: to_llava checks the design before it reads the processor.
+
+
 @pytest.mark.parametrize("projector_type", ["linear", "pixel_shuffle", "c_abstractor", "resampler"])
 def test_to_llava_refuses_other_projectors(built, projector_type):
     """Every projector but mlp raises, naming it and what Llava expresses."""
@@ -208,8 +211,8 @@ def test_to_llava_refuses_siglip_last_hidden_state(built):
 
 def test_to_llava_refuses_dropping_register_tokens(built):
     """Dropping CLS plus register tokens raises: Llava's "default" drops exactly one token."""
-    vision = Dinov2WithRegistersConfig(**(_VIT | dict(num_register_tokens=2)))
-    model = tiny_model("siglip", vision_config=vision, vision_feature_layer=-1)
+    vision = Dinov2WithRegistersConfig(**(_VIT | dict(num_register_tokens=2)))  # a CLS and 2 register tokens
+    model = tiny_model(vision_config=vision, vision_feature_layer=-1)
     assert model.config.vision_num_prefix_tokens == 3
     with pytest.raises(ValueError, match=r"drops the 3 leading tokens.*drops exactly one"):
         to_llava(model, built[1])
@@ -249,7 +252,7 @@ def test_from_llava_warns_when_the_chat_template_has_no_generation_markers():
     llava, processor = tiny_llava()
     processor.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
     with pytest.warns(UserWarning, match=r"no \{% generation %\} markers"):
-        model, vlm_processor = from_llava(llava, processor)
+        _, vlm_processor = from_llava(llava, processor)
     assert vlm_processor.chat_template == processor.chat_template
 
 
