@@ -4,8 +4,8 @@
     python docs/exercises/check_exercise.py --solutions   # the reference solutions
     pytest docs/exercises                                 # the same checks as tests (add --solutions)
 
-Each part is checked in order: it builds from a `VLMConfig`, says how many tokens it emits, makes the right
-output shape, has the parameter count its design implies, mixes only the patches it should, is linear or not as
+Each part is checked in order: it builds from a `VLMConfig`, makes the right output shape, says how many tokens
+it emits, has the parameter count its design implies, mixes only the patches it should, is linear or not as
 its design says, keeps the dtype, plugs into `VLMForConditionalGeneration` through `PROJECTORS`, and lowers the
 loss in 10 training steps. A part stops at its first failed check, and the failure says what was expected, what
 came, and a hint. The exit status is 0 when every part passes.
@@ -188,7 +188,7 @@ def check_output_shape(part, projector_class, config):
             f"{expected}: (images, tokens, D) for input features ({BATCH}, {num_patches}, {channels}) = (B, N, C)",
             str(got),
             "forward returns one tensor; its last size is the language model's width D, "
-            "config.text_config.hidden_size; the middle one is what num_tokens says",
+            f"config.text_config.hidden_size, and the middle one the number of tokens, {tokens} here",
         )
 
 
@@ -365,8 +365,8 @@ def check_training_lowers_loss(part, projector_class, config):
 
 CHECKS = [
     ("builds from the config", check_builds),
-    ("says how many tokens it emits for a grid", check_num_tokens),
     ("output shape", check_output_shape),
+    ("says how many tokens it emits for a grid", check_num_tokens),
     ("parameter count", check_parameter_count),
     ("each token reads the patches it should", check_locality),
     ("linear or not, as its design says", check_linearity),
