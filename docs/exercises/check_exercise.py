@@ -13,7 +13,6 @@ came, and a hint. The exit status is 0 when every part passes.
 
 import argparse
 import contextlib
-import copy
 import importlib.util
 import sys
 import traceback
@@ -153,6 +152,7 @@ def build(projector_class: type, config: VLMConfig) -> nn.Module:
 
 
 def check_builds(part, projector_class, config):
+    """`projector_class(config)` is an nn.Module with weights."""
     projector = projector_class(config)
     if not isinstance(projector, nn.Module) or not list(projector.parameters()):
         raise CheckFailed(
@@ -163,6 +163,7 @@ def check_builds(part, projector_class, config):
 
 
 def check_num_tokens(part, projector_class, config):
+    """`num_tokens(config, N)` is N, or N / 4 for the compressing part."""
     num_patches = config.vision_num_patches
     expected = num_patches // part.patches_per_token
     got = projector_class.num_tokens(config, num_patches)
@@ -177,6 +178,7 @@ def check_num_tokens(part, projector_class, config):
 
 
 def check_output_shape(part, projector_class, config):
+    """(B, N, C) features give (B, M, D) tokens."""
     num_patches, channels, width = sizes(config)
     tokens = num_patches // part.patches_per_token
     with torch.no_grad():
@@ -193,6 +195,7 @@ def check_output_shape(part, projector_class, config):
 
 
 def check_parameter_count(part, projector_class, config):
+    """The parameter count is one of those the part's designs imply."""
     _, channels, width = sizes(config)
     got = sum(p.numel() for p in build(projector_class, config).parameters())
     counts = {design: count(channels, width) for design, count in part.parameter_counts.items()}
@@ -214,6 +217,7 @@ def token_of(part: Part, patch: int, side: int) -> int:
 
 
 def check_locality(part, projector_class, config):
+    """Changing one patch changes the one token that reads it: its own, or its 2x2 block's."""
     projector = build(projector_class, config)
     features = random_features(config, batch=1)
     num_patches = features.shape[1]
@@ -244,6 +248,7 @@ def check_locality(part, projector_class, config):
 
 
 def check_linearity(part, projector_class, config):
+    """A linear design is affine in the features; the MLP is not."""
     projector = build(projector_class, config)
     x, y = random_features(config), random_features(config).flip(1)
     with torch.no_grad():
@@ -265,7 +270,8 @@ def check_linearity(part, projector_class, config):
 
 
 def check_dtype(part, projector_class, config):
-    projector = copy.deepcopy(build(projector_class, config)).to(torch.bfloat16)
+    """bfloat16 weights and features give bfloat16 tokens."""
+    projector = build(projector_class, config).to(torch.bfloat16)
     with torch.no_grad():
         output = projector(random_features(config).to(torch.bfloat16))
     if output.dtype != torch.bfloat16:
@@ -288,6 +294,7 @@ def prompt(config: VLMConfig, text: list[int]) -> list[int]:
 
 
 def check_plugs_into_model(part, projector_class, config):
+    """Through PROJECTORS it becomes the model's projector and sets image_seq_length; a forward with an image runs."""
     tokens = config.vision_num_patches // part.patches_per_token
     with registered_as(part.builtin, projector_class):
         model = tiny_model(part).eval()
@@ -308,13 +315,14 @@ def check_plugs_into_model(part, projector_class, config):
     input_ids = torch.tensor([prompt(config, [5, 6, 7])])
     with torch.no_grad():
         image_tokens = model.model.get_image_features(pixel_values=pixel_values).pooler_output[0]
-        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
     if tuple(image_tokens.shape) != (tokens, config.text_config.hidden_size):
         raise CheckFailed(
             f"one image gives ({tokens}, {config.text_config.hidden_size}) image tokens inside the model",
             str(tuple(image_tokens.shape)),
             "forward must work for any batch size: read B, N and C from features.shape",
         )
+    with torch.no_grad():  # the model checks that the prompt's placeholders and the image tokens are as many
+        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
     if tuple(logits.shape) != (*input_ids.shape, config.text_config.vocab_size) or not logits.isfinite().all():
         raise CheckFailed(
             f"finite logits of shape {(*input_ids.shape, config.text_config.vocab_size)}",
@@ -353,6 +361,7 @@ def training_losses(part: Part, projector_class: type) -> tuple[list[float], lis
 
 
 def check_training_lowers_loss(part, projector_class, config):
+    """Training the projector alone for a few steps lowers the loss, and every weight of it gets a gradient."""
     losses, no_gradient = training_losses(part, projector_class)
     if no_gradient or not losses[-1] < losses[0]:
         raise CheckFailed(

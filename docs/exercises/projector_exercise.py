@@ -4,7 +4,9 @@ You have a language model that reads token embeddings (a GPT, fine-tuned with SF
 vision tower, which turns an image into N patch vectors of width C. The projector is the bridge between the two:
 it maps one image's patch features, a (B, N, C) tensor, to M image tokens, a (B, M, D) tensor where D is the
 language model's width. The model writes those M vectors into the prompt where the image placeholders are, and
-from there on the language model reads them like the embeddings of words.
+from there on the language model reads them as it reads the rows of its token embedding table. Training stage 1
+(alignment) trains the projector alone, with the tower and the language model frozen; the checker does the same
+for a few steps to see that yours learns.
 
 You write three projectors, in the places marked TODO:
   1. LinearProjector: one Linear per patch, as in LLaVA.
@@ -92,9 +94,9 @@ class CompressingProjector(nn.Module):
     """Pixel shuffle by 2, then one Linear: (B, N, C) -> (B, N/4, 4C) -> (B, N/4, D), as in InternVL and SmolVLM.
 
     Every image token is a position the language model attends over, and a 512-pixel image makes 1024 SigLIP
-    patches (of 16 pixels): one image can cost more than the whole text. Pixel shuffle keeps all the numbers but moves them
-    from the sequence into the channels: the four patches of each 2x2 block of the grid are laid side by side
-    in one vector of 4C channels. Neighbours stay together, so the Linear can still see local detail.
+    patches (of 16 pixels): one image can cost more than the whole text. Pixel shuffle keeps all the numbers but
+    moves them from the sequence into the channels: the four patches of each 2x2 block of the grid are laid side
+    by side in one vector of 4C channels. Neighbours stay together, so the Linear can still see local detail.
 
     Prefer pooling? Average each 2x2 block instead (nn.functional.avg_pool2d on a (B, C, side, side) grid) and
     make the Linear in_size -> out_size. It throws away detail that pixel shuffle keeps, for 4x fewer weights;
