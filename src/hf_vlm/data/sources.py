@@ -9,6 +9,8 @@ A source is one of:
 - a Hub dataset id, or a local folder of data files, read with `datasets.load_dataset(source, split=split)`.
 
 Whatever the source, rows are validated (`hf_vlm.data.llava`) and come out in the caption or conversation shape.
+Evaluation takes either shape from one location (`any_dataset`) and may read columns the loaders drop
+(`source_columns`, e.g. reference `answers`).
 """
 
 import os
@@ -18,7 +20,15 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, l
 
 from ..paths import is_hub_id
 from .easy_vqa import easy_vqa_balanced, easy_vqa_captions, easy_vqa_conversations, easy_vqa_dialogues
-from .llava import first_record, load_captions, load_conversations, load_llava_instruct, load_llava_pretrain
+from .llava import (
+    _read_records,
+    _sample_id,
+    first_record,
+    load_captions,
+    load_conversations,
+    load_llava_instruct,
+    load_llava_pretrain,
+)
 from .synthetic import synthetic_captions
 
 CAPTION_SOURCES = ("easy_vqa", "synthetic", "emoji")
@@ -82,49 +92,93 @@ def conversation_dataset(
     return dataset.map(lambda messages: {"length": _text_length(messages)}, input_columns=["messages"])
 
 
-def _load(source: str, split: str, image_folder, on_error: str, *, captions: bool) -> Dataset:
-    names = CAPTION_SOURCES if captions else CONVERSATION_SOURCES
+def any_dataset(
+    source: str, split: str = "train", image_folder: str | None = None, on_error: str = "raise"
+) -> Dataset:
+    """Caption- or conversation-shape data, whichever the location `source` (any of the above but a name) holds.
+
+    The shape is told apart as the stages tell their formats apart: LLaVA records (LLaVA-Pretrain's included), TRL
+    and the_cauldron rows come out as conversations, `image` + `caption` rows as captions.
+    """
+    return _load(source, split, image_folder, on_error, captions=None)
+
+
+def source_columns(source: str, split: str, names) -> dict[str, dict]:
+    """`{name: {sample id: value}}` for those of the columns (record keys) `names` that `source` has.
+
+    The loaders keep only their shape's columns; this reads others (evaluation's `answers`) from the same rows.
+    Ids are the loaders' (`id`, else the row's index), so the values join loaded rows even after skipped samples.
+    """
+    if os.path.isfile(source):
+        records = _read_records(source, None)[0]
+        present = [name for name in names if any(isinstance(record, dict) and name in record for record in records)]
+    else:
+        rows = _rows(source, split, CAPTION_SOURCES + CONVERSATION_SOURCES)
+        present = [name for name in names if name in rows.column_names]
+        records = rows.select_columns(present + ["id"] * ("id" in rows.column_names)) if present else []
+    columns = {name: {} for name in present}
+    for index, record in enumerate(records):
+        sample_id = _sample_id(record, index)
+        for name in present:
+            if sample_id in columns[name]:
+                raise ValueError(f"{source}: the id {sample_id!r} occurs twice, so its {name!r} cannot be told apart.")
+            columns[name][sample_id] = record.get(name) if isinstance(record, dict) else None
+    return columns
+
+
+def _load(source: str, split: str, image_folder, on_error: str, *, captions: bool | None) -> Dataset:
+    """Validated rows of a location; `captions`: the caption shape, the conversation shape, or (None) either."""
     if os.path.isfile(source):
         return _load_file(source, image_folder, on_error, captions)
-    if os.path.isdir(source):
-        rows = _load_folder(source, split)
-    elif _looks_like_path(source):
-        raise FileNotFoundError(
-            f"No such file or folder: {source!r} (a dataset source is one of {', '.join(names)}, a file, a folder or a Hub id)."
-        )
-    else:
-        try:
-            rows = load_dataset(source, split=split)
-        except Exception as error:  # datasets raises many kinds (not found, offline, no such split)
-            raise ValueError(
-                f"{source!r} is not a source name ({', '.join(names)}), a file or a folder, and loading it as a Hub "
-                f"dataset (split {split!r}) failed: {error}"
-            ) from error
+    names = {True: CAPTION_SOURCES, False: CONVERSATION_SOURCES, None: ()}[captions]
+    rows = _rows(source, split, names)
     columns = set(rows.column_names)
-    if captions and {"image", "caption"} <= columns:
+    if captions is not False and {"image", "caption"} <= columns:
         return load_captions(rows, image_folder, on_error=on_error)
-    if not captions and ("messages" in columns or "texts" in columns):
+    if captions is not True and ("messages" in columns or "texts" in columns):
         return load_conversations(rows, image_folder, on_error=on_error)
-    wanted = "'image' and 'caption' columns" if captions else "a 'messages' (TRL) or 'texts' (the_cauldron) column"
+    wanted = {
+        True: "'image' and 'caption' columns",
+        False: "a 'messages' (TRL) or 'texts' (the_cauldron) column",
+        None: "a 'messages' (TRL) or 'texts' (the_cauldron) column, or 'image' and 'caption' columns",
+    }[captions]
     hint = " (conversations: use train_stage2.py)" if captions and columns & set(_CONVERSATION_KEYS) else ""
     raise ValueError(f"{source}: expected {wanted}{hint}; its columns are {sorted(columns)}.")
 
 
-def _load_file(path: str, image_folder, on_error: str, captions: bool) -> Dataset:
+def _rows(source: str, split: str, names) -> Dataset:
+    """The raw rows of a folder or Hub id; `names` are the source names that error messages offer."""
+    if os.path.isdir(source):
+        return _load_folder(source, split)
+    listed = ", ".join(names)
+    if _looks_like_path(source):
+        kinds = f"one of {listed}, a file, a folder or a Hub id" if names else "a file, a folder or a Hub id"
+        raise FileNotFoundError(f"No such file or folder: {source!r} (a dataset source is {kinds}).")
+    try:
+        return load_dataset(source, split=split)
+    except Exception as error:  # datasets raises many kinds (not found, offline, no such split)
+        kinds = f"a source name ({listed}), a file or a folder" if names else "a file or a folder"
+        raise ValueError(
+            f"{source!r} is not {kinds}, and loading it as a Hub dataset (split {split!r}) failed: {error}"
+        ) from error
+
+
+def _load_file(path: str, image_folder, on_error: str, captions: bool | None) -> Dataset:
     record = first_record(path)
     keys = set(record) if isinstance(record, dict) else set()
     if record is None or "conversations" in keys:  # LLaVA, and the loader's own errors for an unreadable file
         loader = load_llava_pretrain if captions else load_llava_instruct
-    elif captions and {"image", "caption"} <= keys:
+    elif captions is not False and {"image", "caption"} <= keys:
         loader = load_captions
-    elif not captions and keys & {"messages", "texts"}:
+    elif captions is not True and keys & {"messages", "texts"}:
         loader = load_conversations
     else:
-        wanted = (
-            "LLaVA-Pretrain records ('conversations') or caption rows ('image', 'caption')"
-            if captions
-            else ("LLaVA records ('conversations'), TRL rows ('messages') or the_cauldron rows ('texts')")
-        )
+        wanted = {
+            True: "LLaVA-Pretrain records ('conversations') or caption rows ('image', 'caption')",
+            False: "LLaVA records ('conversations'), TRL rows ('messages') or the_cauldron rows ('texts')",
+            None: "LLaVA records ('conversations'), TRL rows ('messages'), the_cauldron rows ('texts') or caption "
+            "rows ('image', 'caption')",
+        }[captions]
         raise ValueError(f"{path}: expected {wanted}; the first record has keys {sorted(keys)}.")
     return loader(path, image_folder, on_error=on_error)
 
