@@ -28,7 +28,8 @@ from datasets import Dataset, DatasetInfo, Features, Image, List, Value, load_fr
 from ..paths import cache_root
 from .schema import BadSampleError, SampleErrors
 
-VALIDATION_FORMAT = 1  # bump when what a loader checks or stores changes, so old entries are not read
+# Bump when what a loader checks or stores changes, so old entries are not read. 2: converted images keep source_mode.
+VALIDATION_FORMAT = 2
 
 
 def data_cache_dir() -> Path:

@@ -18,6 +18,8 @@ Decisions, each checked by a test:
   only warns between 1x and 2x that limit, and a warning does not stop a run.
 - A missing file, an unidentifiable file, and a file that fails to decode (e.g. truncated) are
   errors, found while the dataset is built rather than at training step N.
+- A converted image is stored as PNG bytes whose `source_mode` text chunk keeps the mode it came in
+  (`source_mode(entry bytes)`), so a later audit (`hf_vlm.doctor`) can say which images were converted.
 """
 
 import io
@@ -25,7 +27,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from .schema import BadSampleError
 
@@ -137,17 +139,18 @@ def image_entry(source, sample_id, decode: bool = True) -> dict:
         else:
             source = source["path"]
     if isinstance(source, Image.Image):
-        return {"bytes": _png_bytes(load_image(source, sample_id)), "path": None}
+        return {"bytes": _png_bytes(load_image(source, sample_id), source.mode), "path": None}
     with _open(source, sample_id) as image:
         _check_pixels(image, sample_id)
         plain = _is_plain_rgb(image)
         if plain and not decode:
             return _reference(source)
         where = getattr(image, "filename", "") or "image bytes"
+        mode = image.mode
         rgb = _decode(image, sample_id, where)
     if plain:
         return _reference(source)
-    return {"bytes": _png_bytes(rgb), "path": None}
+    return {"bytes": _png_bytes(rgb, mode), "path": None}
 
 
 def _reference(source) -> dict:
@@ -156,7 +159,15 @@ def _reference(source) -> dict:
     return {"bytes": bytes(source), "path": None}
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def source_mode(data: bytes) -> str:
+    """The mode an image file arrived in: `image_entry`'s record for a converted one, else the file's own mode."""
+    with Image.open(io.BytesIO(data)) as image:  # reads the header and text chunks, not the pixels
+        return image.info.get("source_mode", image.mode)
+
+
+def _png_bytes(image: Image.Image, source_mode: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("source_mode", source_mode)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
