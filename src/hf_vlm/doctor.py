@@ -13,8 +13,8 @@ keeps every sample (and 99% of them), and findings that each name their samples 
 Blocking findings make the command exit 1 and stop a training script run with `--doctor true`: samples the run
 would stop at under `--on_error raise` (a missing or corrupt image, a bad record, labels that would be all -100, an
 answer or image cut by `max_length`; under `--on_error skip` the run drops them and they are warnings), a collator
-that fails, and an end-of-turn token outside the loss (the model would not learn to stop). Warnings (tiny, huge or
-very elongated images, exact duplicates) exit 0.
+that fails, and an end-of-turn token outside the loss (the model would not learn to stop). Warnings (images in an odd
+mode, tiny, huge or very elongated ones, exact duplicates) exit 0.
 """
 
 import hashlib
@@ -33,7 +33,7 @@ from trl import SFTConfig, TrlParser
 
 from .cli import DataArguments, ModelArguments, load_vlm
 from .data.collators import DEFAULT_CAPTION_PROMPT, CaptionCollator, ConversationCollator, caption_to_conversation
-from .data.images import load_image
+from .data.images import load_image, source_mode
 from .data.llava import load_captions, load_conversations
 from .data.schema import BadSampleError, SkippedSamplesWarning
 from .data.sources import caption_dataset, conversation_dataset
@@ -59,10 +59,11 @@ KINDS = {
     "end_of_turn_outside_loss": "the end-of-turn token is not labelled, so the model will not learn to stop",
     # Warnings.
     "end_of_turn_unknown": "no end-of-turn token known for this chat template, so whether it is learned is unchecked",
+    "odd_image_mode": "an image mode the loaders convert to RGB (hf_vlm.data.images): check that it looks right",
     "tiny_image": "an image this small carries little for the vision tower to see",
     "huge_image": "an image this large is decoded at full size before it is resized (slow, memory)",
     "extreme_aspect_ratio": "resizing to the square input squashes (or a crop drops) most of such an image",
-    "duplicate": "the same images and the same text as an earlier sample",
+    "duplicate": "samples with the same images and the same text (every copy is named)",
 }
 # What the training scripts raise on under --on_error raise, and drop under skip.
 REJECTED = (
@@ -79,6 +80,7 @@ REJECTED = (
     "image_truncated",
 )
 ALWAYS_BLOCKING = ("collator_error", "end_of_turn_outside_loss")
+USUAL_MODES = ("RGB", "RGBA", "L", "LA", "P")
 TINY_SIDE = 32  # px, shortest side
 HUGE_PIXELS = 4096 * 4096
 MAX_ASPECT_RATIO = 4.0  # longest side / shortest side
@@ -310,9 +312,9 @@ def audit(
                 batch = []
     if batch:
         run_collator(batch)
-    for copies in seen.values():
-        for copy in copies[1:]:
-            findings.add("duplicate", copy, f"the same images and text as {copies[0]!r}")
+    for copies in seen.values():  # all of them: which copy is the original, the shuffled order cannot say
+        for copy in copies if len(copies) > 1 else []:
+            findings.add("duplicate", copy, f"{len(copies)} copies: {', '.join(map(repr, copies[:SHOWN_IDS]))}")
     return Report(
         dataset=dataset if isinstance(dataset, str) else "<Dataset>",
         stage=stage,
@@ -412,6 +414,9 @@ def _read_images(entries: list[dict], sample_id: str, findings: _Findings) -> tu
             return None, digests
         digests.append(hashlib.sha256(data).hexdigest())
         images.append(image)
+        mode = source_mode(data)
+        if mode not in USUAL_MODES:
+            findings.add("odd_image_mode", sample_id, f"mode {mode}")
         _check_image(image, sample_id, findings)
     return images, digests
 
