@@ -12,7 +12,7 @@ ROOT = Path(__file__).parent.parent
 
 @pytest.mark.slow
 def test_quick_study_reports_each_design_with_its_model_token_count_seed_spread_and_mlp_ratios(tmp_path):
-    """--quick writes the table, JSON and figures; tokens equal each design's config; 2-seed spreads; mlp ratios."""
+    """--quick writes the table, JSON, figures and token maps; tokens equal each design's config; 2-seed spreads; mlp ratios."""
     from hf_vlm import build_vlm
     from hf_vlm.projector_study import DESIGNS, QUICK_DESIGNS
 
@@ -20,7 +20,7 @@ def test_quick_study_reports_each_design_with_its_model_token_count_seed_spread_
     command = [sys.executable, "scripts/compare_projectors.py", "--quick", "--output_dir", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    for name in ("projectors.json", "projectors.md", "accuracy_tokens.png", "accuracy_time.png"):
+    for name in ("projectors.json", "projectors.md", "accuracy_tokens.png", "accuracy_time.png", "token_maps.png"):
         assert (out / name).stat().st_size > 0
 
     report = json.loads((out / "projectors.json").read_text())

@@ -7,7 +7,8 @@ memory (`ru_maxrss` on CPU, `torch.cuda.max_memory_allocated` on a GPU) is its o
 to `<design>/seed<seed>/run.json`: a rerun with the same settings reuses them, so a failure late in the study
 loses only the run that failed. `summarize` aggregates the seeds
 (mean, min, max, std) and divides each design's timings by `mlp`'s from the same run; `write_outputs` writes
-`projectors.json`, `projectors.md` and two figures.
+`projectors.json`, `projectors.md` and two figures, and `draw_trained_token_maps` what each trained projector's
+tokens read (`token_maps.png`).
 
 The library does not import the scripts: the caller passes the two stages as `Stage`s (their `main`, their
 dataclasses and a recipe), which a spawned process imports back by name.
@@ -29,6 +30,9 @@ import torch
 from .cli import stage_arguments
 from .data import easy_vqa_captions
 from .evaluation import easy_vqa_caption_accuracy, easy_vqa_test_questions, evaluate_vqa
+from .modeling import VLMForConditionalGeneration
+from .processing import VLMProcessor
+from .token_maps import draw_token_maps, token_influence
 from .training import trainable_parameters
 
 # Each design is a set of `ModelArguments` fields. Token counts follow from the tower's patch grid (4 x 4 for both
@@ -310,7 +314,23 @@ def main(args: StudyArguments, stages: tuple[Stage, Stage], command: list[str] |
         "summary": summarize(runs),
     }
     write_outputs(report, out)
+    image = easy_vqa_test_questions(1)[0]["images"][0]
+    draw_trained_token_maps({name: out / name / f"seed{seeds[0]}" / "stage2" for name in names}, image, out)
     return report
+
+
+def draw_trained_token_maps(folders: dict[str, Path], image, out: Path) -> Path:
+    """`token_maps.png`: what each trained projector's tokens read on `image` (`hf_vlm.token_maps`)."""
+    maps = {}
+    for name, folder in folders.items():
+        model, processor = VLMForConditionalGeneration.from_pretrained(folder), VLMProcessor.from_pretrained(folder)
+        with torch.no_grad():
+            features = model.model.get_vision_features(
+                processor.image_processor(image, return_tensors="pt").pixel_values
+            )
+        maps[name] = token_influence(model.model.multi_modal_projector, features)
+    draw_token_maps(maps, image, out / "token_maps.png")
+    return out / "token_maps.png"
 
 
 def markdown_table(summary: dict) -> str:
