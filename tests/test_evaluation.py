@@ -12,7 +12,7 @@ from trl import TrlParser
 
 import hf_vlm.metrics
 from hf_vlm.data import easy_vqa_conversations
-from hf_vlm.evaluation import generate_answers, postprocess_answer, vqa_metrics
+from hf_vlm.evaluation import generate_answers, postprocess_answer, score_samples
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_eval.py"
 
@@ -39,16 +39,16 @@ def test_postprocess_answer_keeps_the_first_line_without_trailing_punctuation():
     assert postprocess_answer("") == ""
 
 
-def test_vqa_metrics_on_hand_made_samples():
+def test_score_samples_on_hand_made_samples():
     """Accuracy with image and blind, per question type and overall, match hand-scored samples."""
     samples = [
-        {"question_type": "color", "answer": "red", "prediction": "Red.", "blind_prediction": "blue"},
-        {"question_type": "color", "answer": "blue", "prediction": "green", "blind_prediction": "blue"},
-        {"question_type": "yes/no", "answer": "yes", "prediction": "yes", "blind_prediction": "yes"},
-        {"question_type": "shape", "answer": "circle", "prediction": "a circle", "blind_prediction": "no"},
+        {"question_type": "color", "answers": ["red"], "prediction": "Red.", "blind_prediction": "blue"},
+        {"question_type": "color", "answers": ["blue"], "prediction": "green", "blind_prediction": "blue"},
+        {"question_type": "yes/no", "answers": ["yes"], "prediction": "yes", "blind_prediction": "yes"},
+        {"question_type": "shape", "answers": ["circle"], "prediction": "a circle", "blind_prediction": "no"},
     ]
     # "Red." and "a circle" count as right: the metric drops the period and the article.
-    assert vqa_metrics(samples) == {
+    assert score_samples(samples) == {
         "overall": {"n": 4, "accuracy": 0.75, "blind_accuracy": 0.5},
         "color": {"n": 2, "accuracy": 0.5, "blind_accuracy": 0.5},
         "shape": {"n": 1, "accuracy": 1.0, "blind_accuracy": 0.0},
@@ -122,7 +122,7 @@ def test_run_eval_reports_match_their_saved_predictions(built, tmp_path):
         groups[kind] = [sample for sample in samples if sample["question_type"] == kind]
     assert set(results["metrics"]) == set(groups)
     for name, group in groups.items():
-        references = [[sample["answer"]] for sample in group]
+        references = [sample["answers"] for sample in group]
         expected = {"n": len(group)}
         for key, predicted in (("accuracy", "prediction"), ("blind_accuracy", "blind_prediction")):
             scores = vqa.compute(predictions=[sample[predicted] for sample in group], references=references)

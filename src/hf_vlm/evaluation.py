@@ -1,16 +1,17 @@
-"""VQA evaluation: greedy answers with and without the image, VQA accuracy per question type, reports.
+"""Evaluation: greedy answers with and without the image, scored per question type, and reports.
 
 The blind baseline asks the same model the same questions with the image block removed (no image
 tokens, no `pixel_values`). What the model gets right blind comes from the question alone (priors
 such as "yes/no questions are mostly yes"), so accuracy minus blind accuracy is what the image adds.
 
-    dataset = easy_vqa_conversations("test", limit=500)
-    results = evaluate_vqa(model, processor, dataset)
+    dataset = easy_vqa_test_questions(limit=500)  # or hf_vlm.evaluation_data.evaluation_dataset(any source)
+    results = evaluate_vqa(model, processor, dataset)  # evaluate_answers(..., metric="caption_metrics") for captions
     write_reports(results, dataset, "eval")  # results.json, results.md, accuracy.png, samples.png
 
-Rows are in the conversation shape (`hf_vlm.data.schema`) plus `answer` and `question_type`, as
-`hf_vlm.data.easy_vqa_conversations` returns them. Scores come from the `vqa_accuracy` metric script
-(`hf_vlm.metrics`), which normalises answers the official VQA way.
+Rows are in the conversation shape (`hf_vlm.data.schema`) plus `answers` (the reference answers) and
+`question_type` (None for none), as `easy_vqa_test_questions` and `evaluation_dataset` return them; the model
+answers in place of the last (assistant) turn. Scores come from a metric script of `hf_vlm.metrics`: `vqa_accuracy` (answers normalised
+the official VQA way) or `caption_metrics` (BLEU-4, CIDEr-D, ROUGE-L).
 """
 
 import json
@@ -28,17 +29,24 @@ from . import metrics
 
 # Answers are only cut at the end: the metric's normalisation handles case, articles and inner punctuation.
 _TRAILING_PUNCTUATION = ".,;:!?"
+# Names the reports give a metric's scores; vqa_accuracy's one score is "accuracy", as results.json has always had it.
+_SCORE_KEYS = {"vqa_accuracy": "accuracy"}
+_SCORE_LABELS = {"accuracy": "VQA accuracy", "bleu4": "BLEU-4", "cider": "CIDEr-D", "rouge_l": "ROUGE-L"}
 
 
 def easy_vqa_test_questions(limit: int | None, seed: int = 0):
     """The fixed held-out subset: easy-VQA test questions shuffled with `seed`, first `limit` (None: all 9,673).
 
     Its images are never trained on; every model evaluated with the same `seed` and `limit` gets the same questions.
+    Rows as `easy_vqa_conversations` plus `answers`, the one reference answer in a list.
     """
+    from datasets import List, Value
+
     from .data.easy_vqa import easy_vqa_conversations
 
     dataset = easy_vqa_conversations("test").shuffle(seed=seed)
-    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+    dataset = dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+    return dataset.add_column("answers", [[answer] for answer in dataset["answer"]], feature=List(Value("string")))
 
 
 def postprocess_answer(text: str) -> str:
@@ -52,20 +60,17 @@ def postprocess_answer(text: str) -> str:
 
 
 def prompt_messages(messages: list[dict], blind: bool = False) -> list[dict]:
-    """The turns before the first assistant turn; with `blind`, without their image blocks."""
-    prompt = []
-    for message in messages:
-        if message["role"] == "assistant":
-            break
-        content = [block for block in message["content"] if not (blind and block["type"] == "image")]
-        prompt.append({**message, "content": content})
-    return prompt
+    """The turns before the last one, the assistant turn to answer; with `blind`, without their image blocks."""
+    return [
+        {**message, "content": [block for block in message["content"] if not (blind and block["type"] == "image")]}
+        for message in messages[:-1]
+    ]
 
 
 def generate_answers(
     model, processor, dataset, batch_size: int = 16, max_new_tokens: int = 16, blind: bool = False, feature_cache=None
 ) -> list[str]:
-    """Greedy answers to each row's first user turn, post-processed (see `postprocess_answer`).
+    """Greedy answers to each row's last assistant turn (`prompt_messages`), post-processed (`postprocess_answer`).
 
     Prompts come from the processor's chat template with `add_generation_prompt=True`, batched with left
     padding; generation uses the KV cache and only the new tokens are decoded. `blind=True` removes the
@@ -108,38 +113,46 @@ def generate_answers(
     return answers
 
 
-def vqa_metrics(samples: list[dict]) -> dict:
-    """`{group: {"n", "accuracy", "blind_accuracy"}}` for "overall" and each question type, from `samples`.
+def score_samples(samples: list[dict], metric: str = "vqa_accuracy") -> dict:
+    """`{group: {"n", score, ..., "blind_" + score, ...}}` for "overall" and each question type, from `samples`.
 
-    Accuracies are VQA accuracy fractions in [0, 1] of `prediction` and `blind_prediction` against `answer`.
+    Scores are those of the `hf_vlm.metrics` script `metric` for `prediction` and `blind_prediction` against `answers`:
+    `accuracy` (VQA accuracy in [0, 1]) for `vqa_accuracy`; `bleu4`, `cider`, `rouge_l` for `caption_metrics`, whose
+    CIDEr-D takes its IDF from the group's references. Samples with no `question_type` count in "overall" only.
     """
-    vqa = evaluate.load(metrics.path("vqa_accuracy"))
+    scorer = evaluate.load(metrics.path(metric))
     groups = {"overall": samples}
-    for kind in sorted({sample["question_type"] for sample in samples}):
-        groups[kind] = [sample for sample in samples if sample["question_type"] == kind]
+    for kind in sorted({sample.get("question_type") for sample in samples} - {None}):
+        groups[kind] = [sample for sample in samples if sample.get("question_type") == kind]
 
-    def score(group, key):
-        references = [[sample["answer"]] for sample in group]
-        return vqa.compute(predictions=[sample[key] for sample in group], references=references)["vqa_accuracy"]
+    def scores(group, key):
+        values = scorer.compute(
+            predictions=[sample[key] for sample in group], references=[s["answers"] for s in group]
+        )
+        return {_SCORE_KEYS.get(name, name): value for name, value in values.items()}
 
-    return {
-        name: {
-            "n": len(group),
-            "accuracy": score(group, "prediction"),
-            "blind_accuracy": score(group, "blind_prediction"),
-        }
-        for name, group in groups.items()
-    }
+    results = {}
+    for name, group in groups.items():
+        blind = {f"blind_{score}": value for score, value in scores(group, "blind_prediction").items()}
+        results[name] = {"n": len(group), **scores(group, "prediction"), **blind}
+    return results
 
 
-def evaluate_vqa(
-    model, processor, dataset, batch_size: int = 16, max_new_tokens: int = 16, feature_cache=None
+def evaluate_answers(
+    model,
+    processor,
+    dataset,
+    metric: str = "vqa_accuracy",
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    feature_cache=None,
 ) -> dict:
-    """Answers with the image and blind, and their VQA accuracy overall and per `question_type`.
+    """Answers with the image and blind, scored by `metric` overall and per `question_type` (`score_samples`).
 
-    Returns `{"metrics": vqa_metrics(samples), "samples": samples, "generation_seconds"}`, one sample per row:
-    `{"id", "question_type", "question", "answer", "prediction", "blind_prediction"}`; `generation_seconds` is
-    the wall time of each pass, `{"with_image", "blind"}` (the projector study's latency).
+    Returns `{"metric", "metrics": score_samples(samples, metric), "samples", "generation_seconds"}`, one sample per
+    row: `{"id", "question_type", "question", "answers", "prediction", "blind_prediction"}`, the question being the
+    text of the last user turn; `generation_seconds` is the wall time of each pass, `{"with_image", "blind"}` (the
+    projector study's latency).
     """
     start = time.perf_counter()
     predictions = generate_answers(model, processor, dataset, batch_size, max_new_tokens, feature_cache=feature_cache)
@@ -148,101 +161,154 @@ def evaluate_vqa(
     seconds = {"with_image": middle - start, "blind": time.perf_counter() - middle}
     samples = []
     # Without the image column, iterating decodes no pictures.
-    rows = dataset.select_columns(["id", "question_type", "answer", "messages"])
+    rows = dataset.select_columns(["id", "question_type", "answers", "messages"])
     for row, prediction, blind_prediction in zip(rows, predictions, blind_predictions):
-        blocks = [block for message in prompt_messages(row["messages"]) for block in message["content"]]
-        texts = [block["text"] for block in blocks if block["type"] == "text"]
+        question = [message for message in prompt_messages(row["messages"]) if message["role"] == "user"][-1]
         samples.append(
             {
                 "id": row["id"],
                 "question_type": row["question_type"],
-                "question": " ".join(texts),
-                "answer": row["answer"],
+                "question": " ".join(block["text"] for block in question["content"] if block["type"] == "text"),
+                "answers": row["answers"],
                 "prediction": prediction,
                 "blind_prediction": blind_prediction,
             }
         )
-    return {"metrics": vqa_metrics(samples), "samples": samples, "generation_seconds": seconds}
+    return {
+        "metric": metric,
+        "metrics": score_samples(samples, metric),
+        "samples": samples,
+        "generation_seconds": seconds,
+    }
+
+
+def evaluate_vqa(
+    model, processor, dataset, batch_size: int = 16, max_new_tokens: int = 16, feature_cache=None
+) -> dict:
+    """`evaluate_answers` with `vqa_accuracy`: metrics `{group: {"n", "accuracy", "blind_accuracy"}}`."""
+    return evaluate_answers(model, processor, dataset, "vqa_accuracy", batch_size, max_new_tokens, feature_cache)
+
+
+def score_names(metrics_by_group: dict) -> list[str]:
+    """The scores in `score_samples` output, in order: ["accuracy"], or ["bleu4", "cider", "rouge_l"]."""
+    first = next(iter(metrics_by_group.values()))
+    return [key for key in first if key != "n" and not key.startswith("blind_")]
 
 
 def markdown_table(metrics_by_group: dict) -> str:
-    """A Markdown table of `vqa_metrics` output: n, accuracy with image, blind, and their difference (percent)."""
-    lines = [
-        "| question type | n | with image (%) | blind (%) | image adds (points) |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    """A Markdown table of `score_samples` output: n, each score with image, blind, and their difference.
+
+    VQA accuracy is in percent (one row per group); other scores are as the metric gives them (a row per score).
+    """
+    if score_names(metrics_by_group) == ["accuracy"]:
+        lines = [
+            "| question type | n | with image (%) | blind (%) | image adds (points) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, row in metrics_by_group.items():
+            accuracy, blind = 100 * row["accuracy"], 100 * row["blind_accuracy"]
+            lines.append(f"| {name} | {row['n']} | {accuracy:.1f} | {blind:.1f} | {accuracy - blind:+.1f} |")
+        return "\n".join(lines) + "\n"
+    lines = ["| question type | n | score | with image | blind | image adds |", "|---|---:|---|---:|---:|---:|"]
     for name, row in metrics_by_group.items():
-        accuracy, blind = 100 * row["accuracy"], 100 * row["blind_accuracy"]
-        lines.append(f"| {name} | {row['n']} | {accuracy:.1f} | {blind:.1f} | {accuracy - blind:+.1f} |")
+        for score in score_names(metrics_by_group):
+            value, blind = row[score], row[f"blind_{score}"]
+            label = _SCORE_LABELS.get(score, score)
+            lines.append(f"| {name} | {row['n']} | {label} | {value:.4f} | {blind:.4f} | {value - blind:+.4f} |")
     return "\n".join(lines) + "\n"
 
 
 def write_reports(results: dict, dataset, output_dir, num_samples: int = 12) -> dict[str, Path]:
-    """Write `results.json`, `results.md`, `accuracy.png` and `samples.png` into `output_dir`.
+    """Write `results.json`, `results.md`, `accuracy.png` (`scores.png` for captions) and `samples.png`.
 
-    `results` is `evaluate_vqa`'s output (extra JSON-serialisable keys are kept); `dataset` holds the same rows
+    `results` is `evaluate_answers`'s output (extra JSON-serialisable keys are kept); `dataset` holds the same rows
     in the same order and supplies the pictures of the first `num_samples` samples. Returns {name: path}.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: output_dir / name for name in ("results.json", "results.md", "accuracy.png", "samples.png")}
+    vqa = results["metric"] == "vqa_accuracy"
+    chart = "accuracy.png" if vqa else "scores.png"
+    paths = {name: output_dir / name for name in ("results.json", "results.md", chart, "samples.png")}
     paths["results.json"].write_text(json.dumps(results, indent=2) + "\n")
+    title = (
+        "VQA accuracy" if vqa else "Caption metrics" if results["metric"] == "caption_metrics" else results["metric"]
+    )
     paths["results.md"].write_text(
-        "# VQA accuracy with and without the image\n\n"
+        f"# {title} with and without the image\n\n"
         "Blind: the same model and questions with the image removed; the difference is what the image adds.\n\n"
         + markdown_table(results["metrics"])
-        + "\n![accuracy](accuracy.png)\n\n![samples](samples.png)\n"
+        + f"\n![{chart[:-4]}]({chart})\n\n![samples](samples.png)\n"
     )
-    plot_accuracy(results["metrics"], paths["accuracy.png"])
-    plot_samples(results["samples"][:num_samples], dataset, paths["samples.png"])
+    plot_scores(results["metrics"], paths[chart])
+    plot_samples(results["samples"][:num_samples], dataset, paths["samples.png"], results["metric"])
     return paths
 
 
-def plot_accuracy(metrics_by_group: dict, path) -> None:
-    """A grouped bar chart, with image vs blind, per group of `vqa_metrics` output, saved as a PNG."""
+def plot_scores(metrics_by_group: dict, path) -> None:
+    """A grouped bar chart, with image vs blind, of each group's scores in `score_samples` output, saved as a PNG.
+
+    VQA accuracy in percent, one pair of bars per group; other metrics one pair per group and score, as given.
+    """
     from matplotlib.figure import Figure  # a bare Figure renders with Agg, no pyplot state
 
-    names = list(metrics_by_group)
-    positions = range(len(names))
-    figure = Figure(figsize=(1.8 * len(names) + 2, 4.5), layout="constrained")
+    scores = score_names(metrics_by_group)
+    percent = scores == ["accuracy"]
+    bars = [(name, score) for name in metrics_by_group for score in scores]
+    positions = range(len(bars))
+    figure = Figure(figsize=(1.8 * len(bars) + 2, 4.5), layout="constrained")
     axes = figure.subplots()
-    bars = [(-0.2, "accuracy", "with image", "tab:blue"), (0.2, "blind_accuracy", "blind", "tab:gray")]
-    for offset, key, label, color in bars:
-        values = [100 * metrics_by_group[name][key] for name in names]
+    for offset, prefix, label, color in [(-0.2, "", "with image", "tab:blue"), (0.2, "blind_", "blind", "tab:gray")]:
+        values = [(100 if percent else 1) * metrics_by_group[name][prefix + score] for name, score in bars]
         drawn = axes.bar([p + offset for p in positions], values, width=0.4, label=label, color=color)
-        axes.bar_label(drawn, fmt="%.1f", padding=2, fontsize=9)
-    axes.set_xticks(list(positions), [f"{name}\n(n={metrics_by_group[name]['n']})" for name in names])
+        axes.bar_label(drawn, fmt="%.1f" if percent else "%.3f", padding=2, fontsize=9)
+    labels = [f"{name}\n(n={metrics_by_group[name]['n']})" for name, _ in bars]
+    if not percent:
+        labels = [f"{_SCORE_LABELS.get(score, score)}\n{label}" for (_, score), label in zip(bars, labels)]
+    axes.set_xticks(list(positions), labels)
     axes.set_xlabel("question type")
-    axes.set_ylabel("VQA accuracy (%)")
-    axes.set_ylim(0, 110)
-    axes.set_title("VQA accuracy with and without the image")
+    if percent:
+        axes.set_ylabel("VQA accuracy (%)")
+        axes.set_ylim(0, 110)
+    else:
+        axes.set_ylabel("score")
+        axes.margins(y=0.15)
+    axes.set_title(f"{'VQA accuracy' if percent else 'Scores'} with and without the image")
     axes.legend(loc="upper left", bbox_to_anchor=(1, 1))
     figure.savefig(path, dpi=120)
 
 
-def plot_samples(samples: list[dict], dataset, path, columns: int = 4) -> None:
-    """A grid of pictures with question, answer and both predictions (green when the metric scores them 1)."""
+def plot_samples(samples: list[dict], dataset, path, metric: str = "vqa_accuracy", columns: int = 4) -> None:
+    """A grid of pictures with question, first reference and both predictions.
+
+    For `vqa_accuracy` a prediction is green when the metric scores it 1, else red; captions have no such line.
+    """
     from matplotlib.figure import Figure  # a bare Figure renders with Agg, no pyplot state
 
     ids = dataset.select(range(len(samples)))["id"]
     if list(ids) != [sample["id"] for sample in samples]:
         raise ValueError("The dataset's first rows are not the samples to draw; pass the dataset that was evaluated.")
-    vqa = evaluate.load(metrics.path("vqa_accuracy"))
+    vqa = evaluate.load(metrics.path("vqa_accuracy")) if metric == "vqa_accuracy" else None
     rows = -(-len(samples) // columns)
     figure = Figure(figsize=(2.8 * columns, 3.9 * rows), layout="constrained")
     for index, (sample, row) in enumerate(zip(samples, dataset)):
         axes = figure.add_subplot(rows, columns, index + 1)
-        # easy-VQA images are 64 px; NEAREST keeps their edges sharp when enlarged.
-        axes.imshow(row["images"][0].resize((192, 192), Image.NEAREST))
+        if row["images"]:
+            image = row["images"][0]
+            # Small images (easy-VQA's are 64 px) are enlarged with NEAREST, which keeps their edges sharp.
+            axes.imshow(image.resize((192, 192), Image.NEAREST) if max(image.size) < 192 else image)
         axes.set_xticks([])
         axes.set_yticks([])
         axes.set_title("\n".join(textwrap.wrap(sample["question"], 30)), fontsize=9, parse_math=False)
-        lines = [(f"answer: {sample['answer']}", "black")]
+        more = f" (+{len(sample['answers']) - 1})" if len(sample["answers"]) > 1 else ""
+        lines = [(textwrap.shorten(f"answer: {sample['answers'][0]}", 34, placeholder="...") + more, "black")]
         for label, key in (("with image", "prediction"), ("blind", "blind_prediction")):
-            correct = vqa.compute(predictions=[sample[key]], references=[[sample["answer"]]])["vqa_accuracy"] == 1.0
+            color = "black"
+            if vqa is not None:
+                score = vqa.compute(predictions=[sample[key]], references=[sample["answers"]])["vqa_accuracy"]
+                color = "green" if score == 1.0 else "red"
             # repr shows an empty answer as '' and control characters a random model may emit as escapes.
-            shown = textwrap.shorten(repr(sample[key]), 26, placeholder="...")
-            lines.append((f"{label}: {shown}", "green" if correct else "red"))
+            shown = textwrap.shorten(repr(sample[key]), 26 if vqa else 34, placeholder="...")
+            lines.append((f"{label}: {shown}", color))
         for line, (text, color) in enumerate(lines):
             # parse_math=False: a "$" in generated text is text, not the start of a formula.
             axes.annotate(

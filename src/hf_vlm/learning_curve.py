@@ -26,7 +26,7 @@ class LearningCurveCallback(TrainerCallback):
 
     Args:
         processor: the model's processor.
-        questions: conversation rows with `answer` and `question_type` (e.g. `easy_vqa_test_questions(300)`).
+        questions: conversation rows with `answers` and `question_type` (e.g. `easy_vqa_test_questions(300)`).
         every_samples: training samples (all processes, accumulation included) between two points.
         output_dir: where `curve.json` and `curve.png` go; None keeps the points in `self.points` only.
         feature_cache: a `VisionFeatureCache` for the questions' images, or None.
