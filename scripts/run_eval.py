@@ -73,7 +73,7 @@ class EvalArguments:
 
 
 def main(args: EvalArguments) -> dict:
-    """Run the evaluation and write the reports; returns `evaluate_vqa`'s results with the settings added."""
+    """Run the evaluation and write the reports; returns `evaluate_answers`'s results with the settings added."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path).to(device)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
