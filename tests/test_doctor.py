@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import TrainingArguments
 from trl import SFTConfig
 
+import hf_vlm.doctor as doctor
 from hf_vlm.cli import ModelArguments
 from hf_vlm.data import SkippedSamplesWarning, check_token_lengths, load_conversations
 from hf_vlm.doctor import BlockingFindingsError, audit
@@ -271,3 +272,20 @@ def test_doctor_true_stops_stage2_on_cut_image_tokens(backbones, folder, tmp_pat
     model_args = ModelArguments(vision_model=backbones["siglip"], text_model=backbones["llama"])
     with pytest.raises(BlockingFindingsError, match=r"(?s)`image_truncated`.*`late-image`"):
         stage2.main(model_args, data, stage2.TuningArguments(), args)
+
+
+def test_a_collator_failure_is_traced_to_its_sample(built, folder, monkeypatch):
+    """When the collator raises on a batch, each row is collated alone, and the failing one is named (blocking)."""
+
+    class Failing(doctor.ConversationCollator):
+        def __call__(self, rows):
+            if any(row["id"] == "blue" for row in rows):
+                raise RuntimeError("encode_conversation disagrees with the processor's encoding")
+            return super().__call__(rows)
+
+    monkeypatch.setattr(doctor, "ConversationCollator", Failing)
+    _, processor = built
+    report = audit(write(folder / "d.json", clean_rows()), processor, 2, MAX_LENGTH, on_error="skip")
+    [finding] = report.findings
+    assert (finding.kind, finding.ids, finding.blocking) == ("collator_error", ["blue"], True)
+    assert finding.detail == "RuntimeError: encode_conversation disagrees with the processor's encoding"

@@ -165,9 +165,9 @@ def source_mode(data: bytes) -> str:
         return image.info.get("source_mode", image.mode)
 
 
-def _png_bytes(image: Image.Image, source_mode: str) -> bytes:
+def _png_bytes(image: Image.Image, mode: str) -> bytes:
     info = PngImagePlugin.PngInfo()
-    info.add_text("source_mode", source_mode)
+    info.add_text("source_mode", mode)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
