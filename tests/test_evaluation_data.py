@@ -206,3 +206,18 @@ def test_a_hub_dataset_of_trl_rows_gives_rows_with_its_answers(hub):
         "q1": (["no", "nope"], "yes/no"),
     }
     assert by_id["q1"]["messages"][0]["content"][0] == {"type": "image", "text": None}  # TRL's image placement
+
+
+def test_the_training_scripts_names_give_held_out_rows_with_references():
+    """easy_vqa_balanced reads the test split with its question types; synthetic's captions become the references."""
+    balanced = evaluation_dataset("easy_vqa_balanced", limit=6)
+    assert len(balanced) == 6 and all(i.startswith("easy_vqa-test-") for i in balanced["id"])
+    last_turns = [messages[-1]["content"][0]["text"] for messages in balanced["messages"]]
+    assert balanced["answers"] == [[text] for text in last_turns]
+    assert set(balanced["question_type"]) <= {"yes/no", "color", "shape"} and None not in balanced["question_type"]
+    assert set(balanced.column_names) == {"id", "images", "messages", "answers", "question_type"}
+
+    scenes = evaluation_dataset("synthetic", limit=3, seed=7)
+    assert len(scenes) == 3 and all(i.startswith("synthetic-7-") for i in scenes["id"])
+    assert scenes["answers"] == [[messages[-1]["content"][0]["text"]] for messages in scenes["messages"]]
+    assert scenes["question_type"] == [None] * 3

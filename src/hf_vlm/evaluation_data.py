@@ -3,9 +3,11 @@
     dataset = evaluation_dataset("data/vqa.json", limit=500)  # LLaVA JSON, images beside it
     results = evaluate_answers(model, processor, dataset, "vqa_accuracy")  # hf_vlm.evaluation
 
-A source is "easy_vqa" (its test split, the default), or any location `hf_vlm.data.sources` reads: a LLaVA, TRL,
-the_cauldron or caption-row JSON / JSONL file, a `save_to_disk` folder, a folder of data files or a Hub id, in the
-conversation or the caption shape. Rows come out in the conversation shape plus `answers` (the references, a list of
+A source is "easy_vqa" (its test split, the default), another name the training scripts take, or any location
+`hf_vlm.data.sources` reads: a LLaVA, TRL, the_cauldron or caption-row JSON / JSONL file, a `save_to_disk` folder,
+a folder of data files or a Hub id, in the conversation or the caption shape. Of the names, the easy-VQA ones read
+`split` (default "test", never trained on); "synthetic" renders `limit` scenes from `seed`, the same scenes as a
+training run with that seed (stage 1 uses 0, so evaluate with another); "emoji" has no held-out split. Rows come out in the conversation shape plus `answers` (the references, a list of
 strings) and `question_type` (None where the source has none).
 
 Each conversation is asked its last assistant turn: the prompt is every turn before it (earlier answers included),
@@ -17,7 +19,14 @@ from datasets import Dataset, List, Value
 
 from .data.collators import caption_to_conversation
 from .data.schema import CONVERSATION_FEATURES
-from .data.sources import any_dataset, source_columns
+from .data.sources import (
+    CAPTION_SOURCES,
+    CONVERSATION_SOURCES,
+    any_dataset,
+    caption_dataset,
+    conversation_dataset,
+    source_columns,
+)
 from .evaluation import easy_vqa_test_questions
 
 
@@ -37,21 +46,31 @@ def evaluation_dataset(
     """
     if source == "easy_vqa":
         return easy_vqa_test_questions(limit, seed)
-    dataset = any_dataset(source, split, image_folder, on_error).shuffle(seed=seed)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
+    columns = {}
+    if source in CONVERSATION_SOURCES:
+        dataset = conversation_dataset(source, split, limit, seed)
+    elif source in CAPTION_SOURCES:
+        dataset = caption_dataset(source, split, limit, seed)
+    else:
+        dataset = any_dataset(source, split, image_folder, on_error).shuffle(seed=seed)
+        dataset = dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+        columns = source_columns(source, split, ("answers", "question_type"))
     if "caption" in dataset.column_names:
         dataset = dataset.map(
             caption_to_conversation, remove_columns=dataset.column_names, features=CONVERSATION_FEATURES
         )
-    columns = source_columns(source, split, ("answers", "question_type"))
-    given, types = columns.get("answers", {}), columns.get("question_type", {})
+    given = columns.get("answers", {})
     answers = [
         _references(sample_id, given.get(sample_id), messages)
         for sample_id, messages in zip(dataset["id"], dataset["messages"])
     ]
+    types = columns.get("question_type", {})
+    types = (
+        dataset["question_type"] if "question_type" in dataset.column_names else [types.get(i) for i in dataset["id"]]
+    )
+    dataset = dataset.select_columns(list(CONVERSATION_FEATURES))  # easy-VQA's `answer`, stage 2's `length` go
     dataset = dataset.add_column("answers", answers, feature=List(Value("string")))
-    return dataset.add_column("question_type", [types.get(i) for i in dataset["id"]], feature=Value("string"))
+    return dataset.add_column("question_type", types, feature=Value("string"))
 
 
 def _references(sample_id: str, given, messages: list[dict]) -> list[str]:
