@@ -134,7 +134,7 @@ class Report:
             "max_length_keeping_all": self.keeps(1.0),
             "max_length_keeping_99_percent": self.keeps(0.99),
             "token_percentiles": self.percentiles(),
-            "findings": [asdict(finding) | {"ids": finding.ids[:100]} for finding in self.findings],
+            "findings": [asdict(finding) | {"meaning": finding.meaning} for finding in self.findings],
         }
         return summary | {"samples": {"ids": self.ids, "tokens": self.tokens, "needed": self.needed}}
 
