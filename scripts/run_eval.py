@@ -35,11 +35,13 @@ class EvalArguments:
     dataset: str = field(
         default="easy_vqa",
         metadata={
-            "help": "easy_vqa, a LLaVA / TRL / the_cauldron / caption-row JSON or JSONL file, a dataset folder or a "
-            "Hub id (hf_vlm.evaluation_data)."
+            "help": "easy_vqa or another source name of the training scripts, a LLaVA / TRL / the_cauldron / "
+            "caption-row JSON or JSONL file, a dataset folder or a Hub id (hf_vlm.evaluation_data)."
         },
     )
-    split: str = field(default="test", metadata={"help": "Split of a DatasetDict folder or Hub dataset."})
+    split: str = field(
+        default="test", metadata={"help": "Split of an easy-VQA name, a DatasetDict folder or a Hub dataset."}
+    )
     image_folder: str | None = field(
         default=None, metadata={"help": "Folder that relative image paths in a data file start from."}
     )
