@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
 from PIL import Image
 from transformers import TrainingArguments
 from trl import SFTConfig
@@ -289,3 +290,19 @@ def test_a_collator_failure_is_traced_to_its_sample(built, folder, monkeypatch):
     [finding] = report.findings
     assert (finding.kind, finding.ids, finding.blocking) == ("collator_error", ["blue"], True)
     assert finding.detail == "RuntimeError: encode_conversation disagrees with the processor's encoding"
+
+
+def test_stage1_captions_as_a_dataset_are_audited_with_the_caption_prompt(built, folder):
+    """A `Dataset` of caption rows: the caption collator's prompt counts toward the length, a tiny image warns."""
+    _, processor = built
+    rows = Dataset.from_list(
+        [
+            {"id": "red", "image": str(folder / "red.png"), "caption": "A red square."},
+            {"id": "tiny", "image": str(folder / "tiny.png"), "caption": "A green square."},
+        ]
+    )
+    report = audit(rows, processor, stage=1, max_length=MAX_LENGTH)
+    assert by_kind(report) == {"tiny_image": ["tiny"]} and not report.blocking
+    longer = audit(rows, processor, stage=1, prompt="Describe the image in full detail, please.")
+    assert [b - a for a, b in zip(report.tokens, longer.tokens)] == [longer.tokens[0] - report.tokens[0]] * 2
+    assert longer.tokens[0] > report.tokens[0]
