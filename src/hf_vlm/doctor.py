@@ -114,6 +114,7 @@ class Report:
     tokens: list[int]  # tokens of each sample, image tokens included, before truncation
     needed: list[int]  # the smallest max_length that keeps each sample's image and answer tokens
     findings: list[Finding]
+    on_error: str = "raise"  # the run's setting, which decided whether rejected samples block
 
     @property
     def blocking(self) -> bool:
@@ -129,6 +130,7 @@ class Report:
             "dataset": self.dataset,
             "stage": self.stage,
             "max_length": self.max_length,
+            "on_error": self.on_error,
             "audited": len(self.ids),
             "blocking": self.blocking,
             "max_length_keeping_all": self.keeps(1.0),
@@ -149,8 +151,8 @@ class Report:
         lines = [
             "# Dataset doctor",
             "",
-            f"`{self.dataset}`, stage {self.stage}, max_length {self.max_length}: {len(self.ids)} samples audited "
-            "(the loaders' rejects are counted over every record).",
+            f"`{self.dataset}`, stage {self.stage}, max_length {self.max_length}, on_error {self.on_error}: "
+            f"{len(self.ids)} samples audited, after the loaders' rejects (those are counted over every record).",
             "",
             f"**{len(blocking)} blocking finding(s)**: the run would stop, or train on nothing or never learn to stop."
             if blocking
@@ -323,6 +325,7 @@ def audit(
         tokens=tokens,
         needed=needed,
         findings=findings.collect(on_error),
+        on_error=on_error,
     )
 
 
