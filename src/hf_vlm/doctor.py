@@ -210,12 +210,14 @@ class Report:
 
 
 class BlockingFindingsError(RuntimeError):
-    """Raised by `stop_on_blocking`; the message is the Markdown report."""
+    """Raised by `stop_on_blocking`; the message lists the blocking findings as the Markdown report does."""
 
 
 def stop_on_blocking(report: Report) -> None:
-    if report.blocking:
-        raise BlockingFindingsError("the dataset doctor found blocking problems:\n\n" + report.to_markdown())
+    """Raise `BlockingFindingsError` when `report` has a blocking finding (the training scripts' `--doctor true`)."""
+    lines = [line for line in report.to_markdown().splitlines() if line.startswith("- **blocking**")]
+    if lines:
+        raise BlockingFindingsError("the dataset doctor found what would waste or break the run:\n" + "\n".join(lines))
 
 
 def audit(
