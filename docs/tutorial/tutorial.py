@@ -199,47 +199,46 @@ set_trainable(model, vision=False, projector=False, language=False)  # back to i
 print(trains)
 
 # %%
-from matplotlib.patches import FancyBboxPatch
+from matplotlib.patches import FancyBboxPatch, Rectangle
 
 
 def draw_architecture(model, shapes, trains):
     """The parts as boxes, with the shapes recorded above on the arrows and a colour for when each part trains."""
     part_of = {"vision_tower": "vision", "multi_modal_projector": "projector", "language_model": "language"}
     colours = {(): "#b0bec5", ("stage 1", "stage 2"): "#ffb74d", ("stage 2",): "#81c784"}
-    figure, axes = plt.subplots(figsize=(14, 3.6))
-    axes.set_xlim(0, 14)
-    axes.set_ylim(0, 3.6)
+    figure, axes = plt.subplots(figsize=(14, 3.8))
+    axes.set_xlim(0, 13.8)
+    axes.set_ylim(0, 3.8)
     axes.axis("off")
 
-    def box(x, y, width, text, colour):
-        axes.add_patch(FancyBboxPatch((x, y), width, 1.3, boxstyle="round,pad=0.05", color=colour))
-        axes.text(x + width / 2, y + 0.65, text, ha="center", va="center", fontsize=9)
+    def box(x, width, text, colour):
+        axes.add_patch(FancyBboxPatch((x, 1.7), width, 1.3, boxstyle="round,pad=0.05", color=colour))
+        axes.text(x + width / 2, 2.35, text, ha="center", va="center", fontsize=9)
 
-    def arrow(x0, y0, x1, y1, label):
-        axes.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->"))
-        axes.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, label, ha="center", va="bottom", fontsize=8)
+    def arrow(start, end, label=""):
+        axes.annotate("", end, start, arrowprops=dict(arrowstyle="->"))
+        axes.text((start[0] + end[0]) / 2, start[1] + 0.1, label, ha="center", va="bottom", fontsize=8)
 
-    box(0.1, 1.6, 1.4, "image", "#eeeeee")
-    x = 2.6
-    for name in ("vision_tower", "multi_modal_projector", "language_model"):
+    box(0.2, 1.3, "image", "#eeeeee")
+    for x, name in zip((2.4, 5.7, 9.0), part_of):
         stages = tuple(stage for stage, counts in trains.items() if counts[part_of[name]])
         module = getattr(model.model, name)
         label = f"{name}\n{type(module).__name__}\n{count(module):,} params\ntrains: {', '.join(stages) or 'never'}"
-        box(x, 1.6, 2.6, label, colours[stages])
-        x += 3.7
-    box(12.2, 1.6, 1.6, "lm_head\n-> next-token\nlogits", colours[("stage 2",)])
-    arrow(1.6, 2.25, 2.55, 2.25, f"pixels\n{shapes['vision_tower'][0][1:]}")
-    arrow(5.25, 2.25, 6.25, 2.25, f"features\n{shapes['multi_modal_projector'][0][1:]}")
-    arrow(8.95, 2.25, 9.95, 2.25, f"image tokens\n{shapes['multi_modal_projector'][1][1:]}")
-    arrow(11.55, 2.25, 12.15, 2.25, "")
-    axes.text(
-        11.25, 0.55, f"+ text token embeddings: the whole prompt is {shapes['language_model'][0][1:]}", ha="center"
-    )
-    arrow(11.25, 0.8, 11.25, 1.55, "")
+        box(x, 2.4, label, colours[stages])
+    logits = shapes["lm_head"][1][1:]
+    box(12.0, 1.6, f"lm_head\n{count(model.lm_head):,} params\nlogits {logits}", colours[("stage 2",)])
+    arrow((1.55, 2.35), (2.35, 2.35), f"pixels\n{shapes['vision_tower'][0][1:]}")
+    arrow((4.85, 2.35), (5.65, 2.35), f"features\n{shapes['multi_modal_projector'][0][1:]}")
+    arrow((8.15, 2.35), (8.95, 2.35), f"image tokens\n{shapes['multi_modal_projector'][1][1:]}")
+    arrow((11.45, 2.35), (11.95, 2.35))
+    sequence, image_tokens = shapes["language_model"][0][1], shapes["multi_modal_projector"][1][1]
+    axes.text(10.2, 0.75, f"+ {sequence - image_tokens} text tokens' embeddings", ha="center", fontsize=9)
+    arrow((10.2, 1.0), (10.2, 1.62))
+    axes.text(10.3, 1.3, f"together: the LM reads {shapes['language_model'][0][1:]}", va="center", fontsize=8)
     for i, (stages, colour) in enumerate(colours.items()):
-        axes.add_patch(FancyBboxPatch((0.1 + 2.6 * i, 0.2), 0.3, 0.3, color=colour))
-        axes.text(0.5 + 2.6 * i, 0.35, f"trains in {' and '.join(stages) or 'no stage'}", va="center", fontsize=8)
-    axes.set_title("This notebook's VLM (shapes without the batch dimension, measured on one forward pass)")
+        axes.add_patch(Rectangle((0.2 + 2.7 * i, 0.2), 0.3, 0.3, color=colour))
+        axes.text(0.6 + 2.7 * i, 0.35, f"trains in {' and '.join(stages) or 'no stage'}", va="center", fontsize=8)
+    axes.set_title("This notebook's VLM (shapes without the batch dimension, recorded in one forward pass)")
     plt.show()
 
 
