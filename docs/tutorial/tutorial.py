@@ -512,14 +512,15 @@ print(
 del runs
 
 # %% [markdown] lang="en"
-# How large the ratio is depends on the parts: with `"tiny"` the tower is as small as the LM; with `"demo"` the
-# CNN has 3.4M parameters against the LM's 135M, so its share of a step is smaller, and a ViT such as SigLIP-B
-# (86M) weighs much more. The feature change is what the LM reads shifting under it: the projector learned to
+# How large the ratio is depends on the parts, so read it for the model in use: with `"tiny"` the tower and the LM
+# are about the same size; with `"demo"` the CNN has 3.4M parameters against the LM's 135M; a ViT such as
+# SigLIP-B/16 (about 90M) costs much more, and caching its features saves the most. The feature change is what the LM reads shifting under it: the projector learned to
 # read the old features, and on images outside the training set nothing pulls them back.
 
 # %% [markdown] lang="zh"
-# 这个比值的大小取决于各组件的规模：`"tiny"` 时视觉编码器和语言模型一样小；`"demo"` 时 CNN 只有 340 万参数，而语言模型有
-# 1.35 亿，所以它在一步中的占比更小；而 SigLIP-B 这样的 ViT（8600 万参数）的分量要重得多。特征变了，语言模型读到的输入也就随之漂移：
+# 这个比值的大小取决于各组件的规模，所以要看当前模型的实测结果：`"tiny"` 时视觉编码器和语言模型差不多大；
+# `"demo"` 时 CNN 只有 340 万参数，而语言模型有 1.35 亿；SigLIP-B/16 这样的 ViT（约 9000 万参数）代价要高得多，
+# 缓存它的特征也最划算。特征变了，语言模型读到的输入也就随之漂移：
 # 投影层学会读取的是旧的特征，而对训练集之外的图像，没有任何东西会把特征拉回原处。
 
 # %% [markdown] lang="en"
@@ -527,8 +528,8 @@ del runs
 # ## 4. Projector designs and visual-token compression
 #
 # Every image token costs the LM as much as a word: attention grows with the square of the sequence length, and
-# with a per-patch projector a SigLIP-B/16 image at 224 px costs 196 tokens, more than most questions. So projectors differ mainly in how many
-# tokens they make and how each token mixes patches:
+# with a per-patch projector a SigLIP-B/16 image at 224 px costs 196 tokens, more than most questions. So
+# projectors differ mainly in how many tokens they make and how each token mixes patches:
 #
 # | design | tokens from N patches | idea | used by |
 # |---|---|---|---|
@@ -686,12 +687,12 @@ from hf_vlm.cli import ModelArguments, stage_arguments
 if BACKBONES == "tiny":
     # A random LM learns nothing at the recipe's rate in a few steps; at 5e-3 it starts answering.
     stage1_overrides = dict(max_samples=160, per_device_train_batch_size=16)
-    stage2_overrides = dict(max_samples=320, per_device_train_batch_size=16, learning_rate=5e-3)
+    stage2_overrides = dict(max_samples=480, per_device_train_batch_size=16, learning_rate=5e-3)
 else:
     stage1_overrides = dict(max_samples=320)  # the recipe's batch of 32
     stage2_overrides = dict(max_samples=480)  # the recipe's batch of 16
 quiet = dict(logging_steps=1, disable_tqdm=True)
-log = io.StringIO()
+log = io.StringIO()  # what the scripts print goes here: print(log.getvalue()) shows it
 
 RECIPES = REPO / "scripts" / "configs"
 start = time.perf_counter()
@@ -746,7 +747,7 @@ plt.show()
 #
 # Does the model use the image? The blind baseline answers: `evaluate_vqa` asks the same model the same held-out
 # questions twice, with the image and with the image block removed. What it gets right blind comes from the
-# question alone (e.g. "yes" is the more frequent answer); the difference is what the image adds. With `"tiny"`
+# question alone (e.g. which answer usually follows a question worded like this); the difference is what the image adds. With `"tiny"`
 # the parts know nothing and the runs are a few steps, so expect little; the demo (`scripts/demo.py`) reaches
 # 86% against 64% blind.
 
@@ -754,7 +755,7 @@ plt.show()
 # <a id="blind-baseline"></a>
 #
 # 模型真的用到了图像吗？无图基线（blind baseline）可以回答这个问题：`evaluate_vqa` 把同样的留出问题问同一个模型两遍，
-# 一遍带图，一遍去掉图像。无图时答对的部分只来自问题本身（例如“yes”是更常见的答案）；两者之差就是图像带来的提升。
+# 一遍带图，一遍去掉图像。无图时答对的部分只来自问题本身（例如某种问法后面通常跟着哪个答案）；两者之差就是图像带来的提升。
 # 使用 `"tiny"` 时组件什么都不懂，训练也只有几步，所以别期待太多；完整的演示（`scripts/demo.py`）能达到 86%，
 # 而无图基线是 64%。
 
