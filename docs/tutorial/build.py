@@ -14,6 +14,7 @@ import argparse
 import copy
 import re
 import sys
+import time
 from pathlib import Path
 
 import jupytext
@@ -98,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         notebook = edition(language)
         if args.execute:
             print(f"executing {path.name} ...", flush=True)
+            start = time.perf_counter()
             notebook = execute(notebook)
+            print(f"executed {path.name} in {time.perf_counter() - start:.0f} s")
         nbformat.write(notebook, path)
         print(f"wrote {path}")
     return 0
