@@ -45,12 +45,12 @@ def test_summary_gives_seed_spread_and_timing_ratios_to_mlp():
     assert summary["resampler_4"]["ratio_to_mlp"]["samples_per_s_stage1"] == 2.0  # 40 / mean(10, 30)
     assert summary["resampler_4"]["ratio_to_mlp"]["latency_ms_per_answer"] == 0.5
     table = markdown_table(summary).splitlines()
-    assert table[2].startswith("| mlp | 16 | 10 / 100 | 20.0 (1.00x) |")
-    assert "| 60.0 (50.0-70.0) |" in table[2] and "| 40.0 (2.00x) |" in table[3]
+    assert table[2].startswith("| mlp | 16 | 10 / 100 | 20.0 (10.0-30.0), 1.00x |")
+    assert "| 60.0 (50.0-70.0) |" in table[2] and "| 40.0 (40.0-40.0), 2.00x |" in table[3]
 
 
 def test_summary_without_mlp_has_no_ratios():
     """Ratios need mlp in the same run; without it there are none rather than ratios to something else."""
     summary = summarize([fake_run("resampler_4", 0, 0.4, 40.0)])
     rows = markdown_table(summary).splitlines()[2:]
-    assert "ratio_to_mlp" not in summary["resampler_4"] and not any("x)" in row for row in rows)
+    assert "ratio_to_mlp" not in summary["resampler_4"] and not any("x |" in row for row in rows)

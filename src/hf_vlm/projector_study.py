@@ -5,10 +5,10 @@ functions, on the same backbones, data, sample budget and seed; then the model a
 questions with and without the image. Each design and seed runs in its own spawned process, so that its peak
 memory (`ru_maxrss` on CPU, `torch.cuda.max_memory_allocated` on a GPU) is its own, and writes its measurements
 to `<design>/seed<seed>/run.json`: a rerun with the same settings reuses them, so a failure late in the study
-loses only the run that failed. `summarize` aggregates the seeds
-(mean, min, max, std) and divides each design's timings by `mlp`'s from the same run; `write_outputs` writes
-`projectors.json`, `projectors.md` and two figures, and `draw_trained_token_maps` what each trained projector's
-tokens read (`token_maps.png`).
+loses only the run that failed. `summarize` aggregates the seeds (mean, min, max, std) and divides each design's
+timings by `mlp`'s from the same run; all of it goes to `projectors.json`. `render` then writes from that file
+`projectors.md` and two figures (`write_outputs`), and what each trained projector's tokens read
+(`draw_trained_token_maps`, `token_maps.png`); `--render_only` redoes just that step.
 
 The library does not import the scripts: the caller passes the two stages as `Stage`s (their `main`, their
 dataclasses and a recipe), which a spawned process imports back by name.
@@ -70,6 +70,12 @@ class StudyArguments:
     eval_questions: int | None = field(default=None, metadata={"help": "Held-out questions; default 200."})
     caption_images: int | None = field(default=None, metadata={"help": "Stage-1 caption check images; default 64."})
     threads: int | None = field(default=None, metadata={"help": "torch threads; default: all cores."})
+    render_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Rewrite the table and figures from output_dir's projectors.json and models; train nothing."
+        },
+    )
 
     def budget(self) -> dict:
         """The sample budget every design gets: the given values, else the quick or the default ones."""
@@ -260,6 +266,8 @@ def main(args: StudyArguments, stages: tuple[Stage, Stage], command: list[str] |
     """Run every design and seed (each in a spawned process, or reused from its `run.json` when the settings are
     the same) and write the reports; returns what `projectors.json` holds."""
     out = Path(args.output_dir)
+    if args.render_only:
+        return render(out)
     out.mkdir(parents=True, exist_ok=True)
     names = args.designs.split(",") if args.designs else list(QUICK_DESIGNS if args.quick else DESIGNS)
     unknown = [name for name in names if name not in DESIGNS]
@@ -315,9 +323,17 @@ def main(args: StudyArguments, stages: tuple[Stage, Stage], command: list[str] |
         "runs": runs,
         "summary": summarize(runs),
     }
+    (out / "projectors.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return render(out)
+
+
+def render(out: Path) -> dict:
+    """The table, the figures and the token maps (of the first seed's models) from `out`'s `projectors.json`."""
+    report = json.loads((out / "projectors.json").read_text())
     write_outputs(report, out)
-    image = easy_vqa_test_questions(1)[0]["images"][0]
-    draw_trained_token_maps({name: out / name / f"seed{seeds[0]}" / "stage2" for name in names}, image, out)
+    seed = report["arguments"]["seeds"].split(",")[0]
+    folders = {name: out / name / f"seed{seed}" / "stage2" for name in report["settings"]["designs"]}
+    draw_trained_token_maps(folders, easy_vqa_test_questions(1)[0]["images"][0], out)
     return report
 
 
@@ -336,15 +352,17 @@ def draw_trained_token_maps(folders: dict[str, Path], image, out: Path) -> Path:
 
 
 def markdown_table(summary: dict) -> str:
-    """The study's table: one row per design, means with their seed spread (min-max)."""
+    """The study's table: one row per design, means with their seed spread (min-max), timings also as ratios of
+    means to mlp's."""
 
     def spread(stats: dict, scale: float = 100, digits: int = 1) -> str:
         return (
             f"{scale * stats['mean']:.{digits}f} ({scale * stats['min']:.{digits}f}-{scale * stats['max']:.{digits}f})"
         )
 
-    def ratio(stats: dict, key: str) -> str:
-        return f" ({stats['ratio_to_mlp'][key]:.2f}x)" if "ratio_to_mlp" in stats else ""
+    def timing(stats: dict, key: str) -> str:
+        ratio = f", {stats['ratio_to_mlp'][key]:.2f}x" if "ratio_to_mlp" in stats else ""
+        return spread(stats[key], scale=1) + ratio
 
     types = sorted(
         {key[len("accuracy_") :] for stats in summary.values() for key in stats if key.startswith("accuracy_")}
@@ -355,10 +373,10 @@ def markdown_table(summary: dict) -> str:
             "design",
             "tokens",
             "trainable params (stage 1 / 2)",
-            "samples/s stage 1 (vs mlp)",
-            "samples/s stage 2 (vs mlp)",
+            "samples/s stage 1 (min-max), vs mlp",
+            "samples/s stage 2 (min-max), vs mlp",
         ]
-        + ["peak memory (MiB)", "latency ms/answer, batch 16 (vs mlp)", "accuracy % (min-max)"]
+        + ["peak memory (MiB)", "latency ms/answer, batch 16 (min-max), vs mlp", "accuracy % (min-max)"]
         + [f"{kind} %" for kind in types]
         + ["blind %", "stage-1 captions right %"]
     )
@@ -368,10 +386,10 @@ def markdown_table(summary: dict) -> str:
             name,
             f"{stats['image_seq_length']['mean']:.0f}",
             f"{stats['trainable_stage1']['mean']:,.0f} / {stats['trainable_stage2']['mean']:,.0f}",
-            f"{stats['samples_per_s_stage1']['mean']:.1f}{ratio(stats, 'samples_per_s_stage1')}",
-            f"{stats['samples_per_s_stage2']['mean']:.1f}{ratio(stats, 'samples_per_s_stage2')}",
+            timing(stats, "samples_per_s_stage1"),
+            timing(stats, "samples_per_s_stage2"),
             f"{stats['peak_memory_mib']['max']:.0f}",
-            f"{stats['latency_ms_per_answer']['mean']:.1f}{ratio(stats, 'latency_ms_per_answer')}",
+            timing(stats, "latency_ms_per_answer"),
             spread(stats["accuracy_overall"]),
             *[spread(stats[f"accuracy_{kind}"]) for kind in types],
             spread(stats["blind_overall"]),
@@ -381,27 +399,37 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy_against(summary: dict, key: str, label: str, path) -> None:
-    """Overall accuracy against one measurement (`key`), a point per design with its seed min-max as error bars."""
+def plot_accuracy_against(summary: dict, key: str, label: str, path, dodge: float = 0.0) -> None:
+    """Overall accuracy against one measurement (`key`), a point per design with its seed min-max as error bars,
+    and the same design's blind accuracy (no image) as a hollow marker: the gap is what the image adds.
+
+    `dodge` shifts design i by (i - centre) * dodge along x, so designs at the same x (token counts) stay apart.
+    """
     from matplotlib.figure import Figure  # a bare Figure renders with Agg, no pyplot state
 
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
     axes = figure.subplots()
-    for name, stats in summary.items():
-        x, y = stats[key], stats["accuracy_overall"]
-        axes.errorbar(
-            x["mean"],
+    markers = "osD^vP*Xh<>"
+    for index, (name, stats) in enumerate(summary.items()):
+        x, y, blind = stats[key], stats["accuracy_overall"], stats["blind_overall"]
+        marker = markers[index % len(markers)]
+        at = x["mean"] + (index - (len(summary) - 1) / 2) * dodge
+        bars = axes.errorbar(
+            at,
             100 * y["mean"],
             xerr=[[x["mean"] - x["min"]], [x["max"] - x["mean"]]],
             yerr=[[100 * (y["mean"] - y["min"])], [100 * (y["max"] - y["mean"])]],
-            fmt="o",
+            fmt=marker,
             capsize=3,
+            label=name,
         )
-        axes.annotate(name, (x["mean"], 100 * y["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        colour = bars.lines[0].get_color()
+        axes.scatter(at, 100 * blind["mean"], marker=marker, facecolors="none", edgecolors=colour)
     axes.set_xlabel(label)
-    axes.set_ylabel("VQA accuracy with the image (%)")
+    axes.set_ylabel("VQA accuracy (%)")
     axes.set_ylim(0, 105)
-    axes.set_title("Projector designs (error bars: min-max over seeds)", fontsize=11)
+    axes.set_title("Filled: with the image (error bars: min-max over seeds); hollow: blind, no image", fontsize=10)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.savefig(path, dpi=120)
 
 
@@ -412,19 +440,21 @@ def _reused_note(report: dict) -> str:
 
 
 def write_outputs(report: dict, out: Path) -> dict[str, Path]:
-    """`projectors.json` (everything), `projectors.md` (the table and the command) and the two figures."""
-    paths = {
-        name: out / name for name in ("projectors.json", "projectors.md", "accuracy_tokens.png", "accuracy_time.png")
-    }
-    paths["projectors.json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    """`projectors.md` (the table and the command) and the two figures, from what `projectors.json` holds."""
+    paths = {name: out / name for name in ("projectors.md", "accuracy_tokens.png", "accuracy_time.png")}
     budget = report["settings"]["budget"]
     paths["projectors.md"].write_text(
         f"# Projector designs on easy-VQA\n\n`{' '.join(report['command'])}` on {report['device']}, "
         f"{report['total_s']:.0f} s{_reused_note(report)}; seeds {report['arguments']['seeds']}; budget {budget}.\n\n"
         + markdown_table(report["summary"])
     )
+    tokens = sorted({stats["image_seq_length"]["mean"] for stats in report["summary"].values()})
     plot_accuracy_against(
-        report["summary"], "image_seq_length", "visual tokens per image", paths["accuracy_tokens.png"]
+        report["summary"],
+        "image_seq_length",
+        "visual tokens per image (designs side by side at each count)",
+        paths["accuracy_tokens.png"],
+        dodge=0.25 * (tokens[-1] - tokens[0]) / max(1, len(report["summary"]) - 1),
     )
     plot_accuracy_against(report["summary"], "train_s", "train time, both stages (s)", paths["accuracy_time.png"])
     return paths
