@@ -1,13 +1,14 @@
 """Projector designs compared: tokens, speed, memory and accuracy, each design trained and evaluated the same way.
 
-    python scripts/compare_projectors.py            # all designs x 2 seeds on the demo's parts (~1 h on 2 CPU cores, estimated)
+    python scripts/compare_projectors.py            # all designs x 2 seeds on the demo's parts (61 min on 2 CPU cores)
     python scripts/compare_projectors.py --quick    # 4 designs x 2 seeds on tiny random backbones, a few minutes
     python scripts/compare_projectors.py --designs mlp,pixel_shuffle_r2 --seeds 0,1,2
 
 Each design (`hf_vlm.projector_study.DESIGNS`) trains stage 1 (`train_stage1.main`, `configs/stage1_offline.yaml`)
 then stage 2 (`train_stage2.main`, `configs/stage2_offline.yaml`) with the same parts, data, sample budget and seed,
 then answers the same held-out easy-VQA questions with and without the image. Writes `projectors.json`,
-`projectors.md`, `accuracy_tokens.png` and `accuracy_time.png` into `--output_dir`.
+`projectors.md`, `accuracy_tokens.png`, `accuracy_time.png` and `token_maps.png` into `--output_dir`
+(`--render_only true` redraws all but the JSON from it). docs/projectors.md has the committed run.
 """
 
 import sys
