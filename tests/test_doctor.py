@@ -191,33 +191,35 @@ def test_a_template_without_generation_markers_leaves_every_assistant_mask_empty
 
 
 def test_cli_exits_1_on_a_blocking_finding_and_writes_markdown_json_and_histogram(backbones, folder):
-    """`python -m hf_vlm.doctor` on the planted set: exit 1, each planted id in the Markdown, JSON and a PNG."""
+    """`python -m hf_vlm.doctor` on the planted set: exit 1, each planted id in the Markdown, JSON and a PNG, written
+    into a folder that did not exist (made before the audit, so a long audit is not lost to a missing folder)."""
     data = write(folder / "d.json", planted_rows())
+    report = folder / "not" / "made" / "yet"
     command = [sys.executable, "-m", "hf_vlm.doctor", "--vision_model", backbones["siglip"]]
     command += ["--text_model", backbones["llama"], "--dataset", data, "--stage", "2", "--max_length", str(MAX_LENGTH)]
     command += [
         "--output",
-        str(folder / "r.md"),
+        str(report / "r.md"),
         "--json",
-        str(folder / "r.json"),
+        str(report / "r.json"),
         "--histogram",
-        str(folder / "h.png"),
+        str(report / "h.png"),
     ]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env=os.environ | {"TQDM_DISABLE": "1"}
     )
     assert result.returncode == 1, result.stderr[-3000:]
-    markdown = (folder / "r.md").read_text()
+    markdown = (report / "r.md").read_text()
     assert markdown in result.stdout
     for kind, sample_ids in PLANTED.items():
         line = next(line for line in markdown.splitlines() if f"`{kind}`" in line)
         assert all(f"`{i}`" in line for i in sample_ids)
         assert line.startswith("- warning" if kind in WARNINGS else "- **blocking**")
     assert "![Token lengths](h.png)" in markdown
-    saved = json.loads((folder / "r.json").read_text())
+    saved = json.loads((report / "r.json").read_text())
     assert saved["blocking"] and {f["kind"]: sorted(f["ids"]) for f in saved["findings"]} == PLANTED
     assert len(saved["samples"]["ids"]) == len(saved["samples"]["tokens"]) == 10
-    assert Image.open(folder / "h.png").size[0] > 100
+    assert Image.open(report / "h.png").size[0] > 100
 
 
 def load_script(name):

@@ -457,6 +457,9 @@ class DoctorArguments(DataArguments):
 
 def main(model_args: ModelArguments, args: DoctorArguments) -> Report:
     """Audit, write what was asked for, print the Markdown report; the caller exits 1 on a blocking finding."""
+    for path in (args.output, args.json, args.histogram):  # before the audit, which may take long
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if model_args.model_name_or_path is not None:
         processor = VLMProcessor.from_pretrained(model_args.model_name_or_path)
     else:  # a new VLM, as stage 1 composes it: its processor
