@@ -169,20 +169,19 @@ def save_run(trainer: Trainer, processor=None, output_dir: str | os.PathLike | N
 
 def save_loss_curve(log_history: list[dict], path: str, title: str = "Training loss") -> None:
     """Plot the `loss` entries of a trainer's log history against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure renders with Agg and leaves pyplot alone: matplotlib.use("Agg") here would switch the backend of
+    # the whole process, and a notebook that trains would show no plots afterwards.
+    from matplotlib.figure import Figure
 
     points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    figure, axes = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axes = figure.subplots()
     if points:
         axes.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
     axes.set(xlabel="step", ylabel="loss (answer tokens)", title=title)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 class VLMTrainerMixin:
