@@ -36,9 +36,11 @@
 
 # %%
 import os
+import warnings
 
 BACKBONES = os.environ.get("HF_VLM_TUTORIAL_BACKBONES", "tiny")  # "tiny" or "demo"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything below is local: no Hub access is needed
+os.environ["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "1")  # everything below is local: no Hub access
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's hint to install ipywidgets
 
 # %%
 import contextlib
@@ -597,7 +599,7 @@ display(pd.DataFrame(rows).set_index("design"))
 # %%
 STUDY = REPO / "docs" / "projectors"
 study = json.loads((STUDY / "projectors.json").read_text())
-print("command:", " ".join(study["command"][1:]), "| device:", study["device"], f"| {study['total_s'] / 60:.0f} min")
+print(f"`{' '.join(study['command'])}` on {study['device']}: {len(study['runs'])} runs (designs x seeds)")
 columns = {
     "image_seq_length": "tokens",
     "trainable_stage1": "trainable (stage 1)",
