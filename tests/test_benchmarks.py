@@ -1,0 +1,40 @@
+"""benchmarks/generation.py --quick runs on tiny backbones and reports what the full run reports."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_generation_benchmark_quick_reports_both_models_and_one_tower_call(tmp_path):
+    """--quick writes the table and JSON for both models; hf_vlm runs its tower once per generate, tokens match."""
+    generation = load("generation")
+    record = generation.main(["--quick", "--repeats", "1", "--output_dir", str(tmp_path)])
+
+    saved = json.loads((tmp_path / "generation.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert set(saved["results"]) == {"hf_vlm", "Llava"}
+    keys = [key for _, key, _, _ in generation.ROWS]
+    for results in saved["results"].values():
+        assert all(results[key] > 0 for key in keys)
+        assert all(isinstance(n, int) and n >= 1 for n in results["vision_tower_calls_per_generate"])
+    # generate encodes the images once, before prefill, and drops them after: one tower call per call, every time.
+    assert saved["results"]["hf_vlm"]["vision_tower_calls_per_generate"] == [1]
+    assert saved["same_tokens"] is True  # Llava has a copy of every weight, so greedy decoding agrees
+    assert set(saved["ratios_hf_vlm_over_llava"]) == set(keys)
+
+    report = (tmp_path / "generation.md").read_text()
+    assert saved["command"] in report and saved["machine"] in report
+    assert report.count("\n| ") == len(keys) + 2  # the header row and one row per measure, plus tower calls
+    assert "| vision-tower calls per generate call | 1 |" in report
