@@ -62,7 +62,8 @@ from IPython.display import Image, Markdown, display
 from hf_vlm import build_vlm
 
 REPO = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "scripts" / "train_stage1.py").exists())
-OUTPUT = Path(os.environ.get("HF_VLM_TUTORIAL_OUTPUT", REPO / "runs" / "tutorial"))
+OUTPUT = Path(os.environ.get("HF_VLM_TUTORIAL_OUTPUT", REPO / "runs" / "tutorial"))  # runs and figures go here
+OUTPUT.mkdir(parents=True, exist_ok=True)
 sys.path.insert(0, str(REPO / "scripts"))  # the training scripts, whose main() we call in section 5
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
