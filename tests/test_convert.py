@@ -280,3 +280,13 @@ def test_cli_from_llava_prints_the_logits_check(llava_folder, tmp_path, capsys):
     difference = re.search(r"max abs difference (\S+)", capsys.readouterr().out)
     assert difference and float(difference[1]) < 1e-5
     assert json.loads((tmp_path / "vlm" / "config.json").read_text())["model_type"] == "hf_vlm"
+
+
+def test_cli_says_why_a_design_cannot_export_without_a_traceback(built, tmp_path):
+    """`to-llava` on a pixel-shuffle model exits with the reason as one error line, and writes nothing."""
+    model = tiny_model("siglip", projector_type="pixel_shuffle", vision_feature_layer=-1)
+    model.save_pretrained(tmp_path / "vlm")
+    built[1].save_pretrained(tmp_path / "vlm")  # the design is checked before the processor is read
+    with pytest.raises(SystemExit, match=r"^error: Cannot export the 'pixel_shuffle' projector to Llava"):
+        main(["to-llava", str(tmp_path / "vlm"), str(tmp_path / "llava")])
+    assert not (tmp_path / "llava").exists()

@@ -15,7 +15,7 @@
 # `BACKBONES` in the next cell picks the parts. `"tiny"` (the default) uses a random 2-layer SigLIP and a random
 # 2-layer Llama, built in seconds: every shape and step is real, but the models know nothing, so their answers
 # are poor. `"demo"` uses the demo's pretrained parts (EfficientNet-Lite0 and SmolLM2-135M-Instruct, fetched
-# from PyPI once, then cached) and takes about ten minutes.
+# from PyPI once, then cached); that mode has not been run end to end here yet.
 
 # %% [markdown] lang="zh"
 # # 从语言模型到视觉语言模型
@@ -32,7 +32,7 @@
 #
 # 下一个单元格里的 `BACKBONES` 决定使用哪些组件。`"tiny"`（默认）使用随机初始化的 2 层 SigLIP 和 2 层 Llama，
 # 几秒钟即可构建：所有形状和步骤都是真实的，但模型什么都没学过，所以回答质量很差。`"demo"` 使用演示脚本的预训练组件
-# （EfficientNet-Lite0 和 SmolLM2-135M-Instruct，首次从 PyPI 下载后缓存），大约需要十分钟。
+# （EfficientNet-Lite0 和 SmolLM2-135M-Instruct，首次从 PyPI 下载后缓存）；这个模式在这里还没有完整跑过。
 
 # %%
 import os
@@ -739,11 +739,12 @@ plt.show()
 # %% [markdown] lang="en"
 # With `"tiny"`, stage 1's loss hardly moves: a random LM has no language that the projector could align the
 # image with, so there is little to learn by training the projector alone. Stage 2 trains the LM too, and its
-# loss falls. With `"demo"`, the pretrained LM makes stage 1 work: its loss falls from the first steps.
+# loss falls. With the demo's pretrained LM stage 1 works: its loss falls from the first steps
+# (`docs/demo/stage1_loss.png`, the demo's run on the same parts).
 
 # %% [markdown] lang="zh"
 # 使用 `"tiny"` 时，第一阶段的损失几乎不动：随机初始化的语言模型没有任何语言能力，投影层无从对齐，只训练投影层学不到什么。
-# 第二阶段同时训练语言模型，损失随之下降。使用 `"demo"` 时，预训练的语言模型让第一阶段真正起作用：损失从最初几步就开始下降。
+# 第二阶段同时训练语言模型，损失随之下降。换成演示脚本的预训练语言模型，第一阶段就真正起作用：损失从最初几步就开始下降（见 `docs/demo/stage1_loss.png`，演示脚本在同样组件上的运行）。
 
 # %% [markdown] lang="en"
 # <a id="blind-baseline"></a>

@@ -302,13 +302,15 @@ def main(argv: list[str] | None = None) -> None:
                 VLMForConditionalGeneration.from_pretrained(args.source, dtype="auto"),
                 VLMProcessor.from_pretrained(args.source),
             )
-            model, processor = to_llava(*source)
         else:
             source = (
                 LlavaForConditionalGeneration.from_pretrained(args.source, dtype="auto"),
                 AutoProcessor.from_pretrained(args.source),
             )
-            model, processor = from_llava(*source)
+    try:
+        model, processor = (to_llava if args.command == "to-llava" else from_llava)(*source)
+    except ValueError as error:  # a design the other side cannot express: the reason, not a traceback
+        raise SystemExit(f"error: {error}") from None
     model.save_pretrained(args.output)
     processor.save_pretrained(args.output)
     del model  # the check loads the saved folder back, as a user would
