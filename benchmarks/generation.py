@@ -1,7 +1,7 @@
 """Generation speed and memory: hf_vlm against Llava built from the same sub-configs, with the same weights.
 
     python benchmarks/generation.py                  # writes benchmarks/results/generation.{md,json}
-    python benchmarks/generation.py --repeats 1      # what the committed results ran: ~10 min on 2 CPU cores
+    python benchmarks/generation.py --repeats 1      # what the committed results ran: 15 min on 2 busy CPU cores
     python benchmarks/generation.py --quick          # tiny random backbones, seconds (a test runs it)
 
 The default size is a random SigLIP tower shaped like siglip-base-patch16-224 (196 patches at 224 px) and a
