@@ -11,7 +11,8 @@ The demo's CNN tower has no Llava form, so it is not used. Llava is made by `hf_
 
 - `generate`: greedy, exactly 64 new tokens (`min_new_tokens=64`), at batch 1 and batch 8; new tokens/s of the
   whole call (tower, prefill and decoding). Time to first token: `generate` with `max_new_tokens=1`, batch 1.
-  One warm-up call each, then hf_vlm and Llava alternate in every repetition (machine drift hits both); medians.
+  One warm-up call each, then hf_vlm and Llava alternate in every repetition (machine drift hits both), who goes
+  first alternating between repetitions; medians, with the (min-max) of each and of the ratio within a repetition.
 - Vision-tower calls per `generate` call: a forward hook on each model's `vision_tower`, counted in every timed call.
 - Peak memory: the most bytes of torch tensors alive at once during one call, above what was alive before it,
   from `torch.profiler`'s memory events (every allocation and free of the CPU allocator, in time order); on CUDA,
@@ -32,6 +33,7 @@ import torch
 import transformers
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
+from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
 from hf_vlm import VLMConfig, VLMForConditionalGeneration
@@ -210,9 +212,14 @@ def measure(models: dict, repeats: int, device: str) -> dict:
     for name, model in models.items():  # warm-up
         generate(model, batches[name, 1], 2)
     times = {(name, what): [] for name in models for what in ("ttft", "gen 1", "gen 8")}
-    for _ in range(repeats):
-        for what, batch_size, new_tokens in (("ttft", 1, 1), ("gen 1", 1, NEW_TOKENS), ("gen 8", 8, NEW_TOKENS)):
-            for name, model in models.items():
+    calls = [("ttft", 1, 1), ("gen 1", 1, NEW_TOKENS), ("gen 8", 8, NEW_TOKENS)]
+    progress = tqdm(total=repeats * len(calls) * len(models), desc="timed generate calls")
+    for repetition in range(repeats):
+        # Who goes first alternates (ABBA), so a call's effect on the next (caches, clocks) falls on both alike.
+        order = list(models.items())[:: 1 if repetition % 2 == 0 else -1]
+        for what, batch_size, new_tokens in calls:
+            for name, model in order:
+                progress.update()
                 batch = batches[name, batch_size]
                 times[name, what].append(counted(name, what, lambda: generate(model, batch, new_tokens)))  # noqa: B023
 
@@ -226,11 +233,21 @@ def measure(models: dict, repeats: int, device: str) -> dict:
             "train_step_peak_mib": peak_bytes(lambda: train_step(model, train), device) / 2**20,  # noqa: B023
             "generate_peak_mib": peak_bytes(lambda: generate(model, batches[name, 1], NEW_TOKENS), device) / 2**20,  # noqa: B023
             "vision_tower_calls_per_generate": sorted(set(tower_calls[name])),
+            "seconds_per_repetition": {SECONDS[what]: times[name, what] for what in SECONDS},
         }
+    progress.close()
     # The same weights, greedy: the same tokens, unless rounding flips a near-tie.
     same_tokens = torch.equal(*(outputs[name, "gen 8"] for name in models))
     return results, same_tokens
 
+
+SECONDS = {"ttft": "time_to_first_token", "gen 1": "generate_batch_1", "gen 8": "generate_batch_8"}
+# The rows measured in every repetition: the key of their seconds, and how seconds become the row's value.
+REPEATED = {
+    "tokens_per_s_batch_1": ("generate_batch_1", lambda s: NEW_TOKENS / s),
+    "tokens_per_s_batch_8": ("generate_batch_8", lambda s: 8 * NEW_TOKENS / s),
+    "time_to_first_token_s": ("time_to_first_token", lambda s: s),
+}
 
 ROWS = (
     ("generate, batch 1, new tokens / s", "tokens_per_s_batch_1", "{:.1f}", True),
@@ -242,15 +259,24 @@ ROWS = (
 
 
 def report_table(results: dict) -> tuple[str, dict]:
-    """The Markdown table and the ratios hf_vlm / Llava (above 1 is better for throughput, below 1 for the rest)."""
+    """The Markdown table and the ratios hf_vlm / Llava (above 1 is better for throughput, below 1 for the rest).
+
+    A timed row gives its median with the (min-max) over repetitions, and beside the ratio of medians the (min-max) of
+    the ratios within each repetition, where hf_vlm and Llava ran back to back."""
     ours, llava = results["hf_vlm"], results["Llava"]
     ratios = {key: ours[key] / llava[key] for _, key, _, _ in ROWS}
     lines = ["| | hf_vlm | Llava | hf_vlm / Llava |", "|---|---:|---:|---:|"]
     for label, key, fmt, higher_better in ROWS:
         better = "higher is better" if higher_better else "lower is better"
-        lines.append(
-            f"| {label} ({better}) | {fmt.format(ours[key])} | {fmt.format(llava[key])} | {ratios[key]:.2f} |"
-        )
+        cells = [fmt.format(ours[key]), fmt.format(llava[key]), f"{ratios[key]:.2f}"]
+        if key in REPEATED:
+            seconds, value = REPEATED[key]
+            per_run = [[value(t) for t in r["seconds_per_repetition"][seconds]] for r in (ours, llava)]
+            paired = [a / b for a, b in zip(*per_run, strict=True)]
+            for i, values in enumerate([*per_run, paired]):
+                low, high = min(values), max(values)
+                cells[i] += f" ({low:.2f}-{high:.2f})" if i == 2 else f" ({fmt.format(low)}-{fmt.format(high)})"
+        lines.append(f"| {label} ({better}) | " + " | ".join(cells) + " |")
     calls = [", ".join(map(str, r["vision_tower_calls_per_generate"])) for r in (ours, llava)]
     lines.append(f"| vision-tower calls per generate call | {calls[0]} | {calls[1]} | |")
     return "\n".join(lines) + "\n", ratios
@@ -283,7 +309,8 @@ def main(argv: list[str] | None = None):
     report = (
         f"# Generation: hf_vlm against Llava\n\n`{command}` on {machine}; fp32; {size}; Llava has a copy of hf_vlm's "
         f"weights; greedy, exactly {NEW_TOKENS} new tokens; medians of {args.repeats} interleaved repetitions; peak "
-        f"memory above the weights and inputs, from {memory}. Both generated the same tokens (batch 8): "
+        f"memory above the weights and inputs, from {memory}; (min-max) over repetitions. Both generated the same "
+        f"tokens (batch 8): "
         f"{'yes' if identical else 'no'}.\n\n{table}"
     )
     print(report)
