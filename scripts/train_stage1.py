@@ -22,7 +22,7 @@ from hf_vlm.cli import ModelArguments, load_vlm
 from hf_vlm.data.collators import DEFAULT_CAPTION_PROMPT, CaptionCollator
 from hf_vlm.data.sources import caption_dataset
 from hf_vlm.data.token_checks import check_token_lengths
-from hf_vlm.doctor import audit, stop_on_blocking
+from hf_vlm.doctor import check_before_training
 from hf_vlm.feature_cache import prepare_feature_cache
 from hf_vlm.training import VLMTrainer, set_trainable
 
@@ -45,20 +45,15 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
         print("trainable parameters:", counts)
 
     if data_args.doctor:  # every problem of the data, by sample id, before any is raised alone or trained on
-        report = audit(
-            data_args.dataset,
+        check_before_training(
+            data_args,
             processor,
             stage=1,
             max_length=data_args.max_length,
-            image_folder=data_args.image_folder,
-            on_error=data_args.on_error,
-            limit=data_args.max_samples,
-            prompt=data_args.prompt,
             seed=training_args.seed,
+            main_process=training_args.process_index == 0,
+            prompt=data_args.prompt,
         )
-        if training_args.process_index == 0:
-            print(report.to_markdown())
-        stop_on_blocking(report)
 
     # Dataset: captions, validated once (cached) and checked against max_length before step 1; the collator renders
     # them as chat turns and keeps the raw columns it needs.

@@ -20,7 +20,7 @@ from hf_vlm.cli import ModelArguments, load_vlm
 from hf_vlm.data.collators import ConversationCollator
 from hf_vlm.data.sources import conversation_dataset
 from hf_vlm.data.token_checks import check_token_lengths
-from hf_vlm.doctor import audit, stop_on_blocking
+from hf_vlm.doctor import check_before_training
 from hf_vlm.evaluation import easy_vqa_test_questions
 from hf_vlm.feature_cache import prepare_feature_cache
 from hf_vlm.learning_curve import LearningCurveCallback
@@ -63,19 +63,14 @@ def main(
         print("trainable parameters:", trainable_parameters(model))
 
     if data_args.doctor:  # every problem of the data, by sample id, before any is raised alone or trained on
-        report = audit(
-            data_args.dataset,
+        check_before_training(
+            data_args,
             processor,
             stage=2,
             max_length=training_args.max_length,
-            image_folder=data_args.image_folder,
-            on_error=data_args.on_error,
-            limit=data_args.max_samples,
             seed=training_args.seed,
+            main_process=training_args.process_index == 0,
         )
-        if training_args.process_index == 0:
-            print(report.to_markdown())
-        stop_on_blocking(report)
 
     # Dataset: conversations in TRL's images + messages shape, validated once (cached) and checked against max_length
     # before step 1; our collator builds the labels.

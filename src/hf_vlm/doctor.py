@@ -210,14 +210,38 @@ class Report:
 
 
 class BlockingFindingsError(RuntimeError):
-    """Raised by `stop_on_blocking`; the message lists the blocking findings as the Markdown report does."""
+    """Raised by `check_before_training`; the message lists the blocking findings as the Markdown report does."""
 
 
-def stop_on_blocking(report: Report) -> None:
-    """Raise `BlockingFindingsError` when `report` has a blocking finding (the training scripts' `--doctor true`)."""
+def check_before_training(
+    data_args: DataArguments,
+    processor: VLMProcessor,
+    *,
+    stage: int,
+    max_length: int | None,
+    seed: int,
+    main_process: bool = True,
+    prompt: str = DEFAULT_CAPTION_PROMPT,
+) -> Report:
+    """The training scripts' `--doctor true`: audit what the run would train on, print the report on the main process,
+    and raise `BlockingFindingsError` (listing the blocking findings) before any trainer exists."""
+    report = audit(
+        data_args.dataset,
+        processor,
+        stage=stage,
+        max_length=max_length,
+        image_folder=data_args.image_folder,
+        on_error=data_args.on_error,
+        limit=data_args.max_samples,
+        prompt=prompt,
+        seed=seed,
+    )
+    if main_process:
+        print(report.to_markdown())
     lines = [line for line in report.to_markdown().splitlines() if line.startswith("- **blocking**")]
     if lines:
         raise BlockingFindingsError("the dataset doctor found what would waste or break the run:\n" + "\n".join(lines))
+    return report
 
 
 def audit(
