@@ -1,7 +1,6 @@
 """Generation speed and memory: hf_vlm against Llava built from the same sub-configs, with the same weights.
 
-    python benchmarks/generation.py                  # writes benchmarks/results/generation.{md,json}
-    python benchmarks/generation.py --repeats 1      # what the committed results ran: 15 min on 2 busy CPU cores
+    python benchmarks/generation.py                  # 15 repetitions; writes benchmarks/results/generation.{md,json}
     python benchmarks/generation.py --quick          # tiny random backbones, seconds (a test runs it)
 
 The default size is a random SigLIP tower shaped like siglip-base-patch16-224 (196 patches at 224 px) and a
@@ -284,7 +283,7 @@ def report_table(results: dict) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="tiny random backbones, for a smoke test")
     parser.add_argument("--output_dir", default=str(RESULTS))
     args = parser.parse_args(argv)
