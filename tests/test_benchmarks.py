@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def load(name: str):
 def test_generation_benchmark_quick_reports_both_models_and_one_tower_call(tmp_path):
     """--quick writes the table and JSON for both models; hf_vlm runs its tower once per generate, tokens match."""
     generation = load("generation")
-    record = generation.main(["--quick", "--repeats", "1", "--output_dir", str(tmp_path)])
+    record = generation.main(["--quick", "--repeats", "2", "--output_dir", str(tmp_path)])
 
     saved = json.loads((tmp_path / "generation.json").read_text())
     assert saved == json.loads(json.dumps(record))
@@ -29,6 +30,7 @@ def test_generation_benchmark_quick_reports_both_models_and_one_tower_call(tmp_p
     for results in saved["results"].values():
         assert all(results[key] > 0 for key in keys)
         assert all(isinstance(n, int) and n >= 1 for n in results["vision_tower_calls_per_generate"])
+        assert all(len(seconds) == 2 for seconds in results["seconds_per_repetition"].values())
     # generate encodes the images once, before prefill, and drops them after: one tower call per call, every time.
     assert saved["results"]["hf_vlm"]["vision_tower_calls_per_generate"] == [1]
     assert saved["same_tokens"] is True  # Llava has a copy of every weight, so greedy decoding agrees
@@ -38,3 +40,6 @@ def test_generation_benchmark_quick_reports_both_models_and_one_tower_call(tmp_p
     assert saved["command"] in report and saved["machine"] in report
     assert report.count("\n| ") == len(keys) + 2  # the header row and one row per measure, plus tower calls
     assert "| vision-tower calls per generate call | 1 |" in report
+    timed_rows = [line for line in report.splitlines() if line.startswith(("| generate", "| time to first"))]
+    cells = [cell for line in timed_rows for cell in line.strip("| ").split(" | ")[1:]]
+    assert len(cells) == 9 and all(re.fullmatch(r"[\d.]+ \([\d.]+-[\d.]+\)", cell) for cell in cells)  # (min-max)
