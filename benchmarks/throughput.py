@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 import transformers
 import trl
-from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+from transformers import LlamaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 from trl.trainer.utils import add_fused_lm_head
 
 from hf_vlm import VLMConfig, VLMForConditionalGeneration, build_vlm
+from hf_vlm.convert import copy_weights, llava_config
 from hf_vlm.data import CaptionCollator, ConversationCollator, easy_vqa_captions, easy_vqa_conversations
 from hf_vlm.feature_cache import VisionFeatureCache
 from hf_vlm.offline.pretrained_parts import efficientnet_lite0, smollm2_135m_instruct
@@ -183,10 +184,8 @@ def llava_tables(text_config: LlamaConfig, rounds: int, batch_size: int) -> list
     )
     torch.manual_seed(0)
     ours = VLMForConditionalGeneration(VLMConfig(projector_type="mlp", **common)).train()
-    llava = LlavaForConditionalGeneration(
-        LlavaConfig(vision_feature_select_strategy="full", projector_hidden_act="gelu", **common)
-    ).train()
-    llava.load_state_dict(ours.state_dict())  # the same weights: state dict keys line up
+    # The same weights, as to_llava makes them: a copy of every tensor under the same name.
+    llava = copy_weights(ours, LlavaForConditionalGeneration, llava_config(ours)).train()
 
     generator = torch.Generator().manual_seed(0)
     text = torch.randint(0, image_token_id, (batch_size, 24), generator=generator)

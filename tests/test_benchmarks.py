@@ -1,4 +1,5 @@
-"""benchmarks/generation.py --quick runs on tiny backbones and reports what the full run reports."""
+"""benchmarks/generation.py --quick runs on tiny backbones and reports what the full run reports; throughput.py's
+hf_vlm-against-Llava tables run on a tiny LM."""
 
 import importlib.util
 import json
@@ -43,3 +44,28 @@ def test_generation_benchmark_quick_reports_both_models_and_one_tower_call(tmp_p
     timed_rows = [line for line in report.splitlines() if line.startswith(("| generate", "| time to first"))]
     cells = [cell for line in timed_rows for cell in line.strip("| ").split(" | ")[1:]]
     assert len(cells) == 9 and all(re.fullmatch(r"[\d.]+ \([\d.]+-[\d.]+\)", cell) for cell in cells)  # (min-max)
+
+
+def test_throughput_llava_tables_run_on_a_tiny_lm():
+    """Both settings give a table of Llava, hf_vlm on pixels and on cached features, Llava first (the 1.00x row)."""
+    from transformers import LlamaConfig
+
+    throughput = load("throughput")
+    text = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=128,
+    )
+    tables = throughput.llava_tables(text, rounds=1, batch_size=2)
+    assert len(tables) == 2
+    for markdown, rows in tables:
+        assert [row["variant"] for row in rows] == [
+            "LlavaForConditionalGeneration (pixels, its loss)",
+            "hf_vlm, pixels",
+            "hf_vlm, cached vision features",
+        ]
+        assert rows[0]["ratio"] == 1.0 and all(row["samples_per_s"] > 0 for row in rows)
+        assert all(row["variant"] in markdown for row in rows)
