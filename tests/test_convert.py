@@ -251,20 +251,21 @@ def test_from_llava_refuses_what_hf_vlm_cannot_express(overrides, message):
 
 
 def test_from_llava_refuses_pixtral_and_other_processors():
-    """Pixtral's variable-size images have no hf_vlm form: its tower or its processor raises, with the reason."""
+    """Pixtral's variable-size images have no hf_vlm form: its tower raises, and so does its processor beside a
+    Llava that would otherwise convert, each with its own reason."""
     pixtral = PixtralVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16, patch_size=4
     )
     llava, processor = tiny_llava(vision_config=pixtral, vision_feature_select_strategy="full")
     processor.num_additional_image_tokens = 0  # a LlavaProcessor whose token count agrees with the tower
-    with pytest.raises(ValueError, match=r"processor is LlavaProcessor and its tower 'pixtral'.*varying size"):
+    with pytest.raises(ValueError, match=r"its 'pixtral' tower takes images of varying size"):
         from_llava(llava, processor)
 
     llava, processor = tiny_llava()
     tokenizer = processor.tokenizer
     tokenizer.add_tokens(["[IMG]", "[IMG_BREAK]", "[IMG_END]"], special_tokens=True)
     pixtral_processor = PixtralProcessor(PixtralImageProcessor(), tokenizer, patch_size=4)
-    with pytest.raises(ValueError, match=r"processor is PixtralProcessor"):
+    with pytest.raises(ValueError, match=r"needs the checkpoint's LlavaProcessor, got PixtralProcessor"):
         from_llava(llava, pixtral_processor)
 
 

@@ -143,9 +143,9 @@ def from_llava(
     """An hf_vlm model (the `mlp` projector) and processor from a Llava checkpoint: a folder or Hub id, or a
     `LlavaForConditionalGeneration` with its `processor`. Every weight is copied as it is.
 
-    Raises `ValueError` for a Llava that hf_vlm cannot express: a processor other than `LlavaProcessor` or a
-    Pixtral tower (images of varying size), a projector other than GELU with biases, or the "default" strategy
-    (drop one token) on a tower whose leading tokens are not exactly one CLS.
+    Raises `ValueError` for a Llava that hf_vlm cannot express: a Pixtral tower (images of varying size), a
+    projector other than GELU with biases, or the "default" strategy (drop one token) on a tower whose leading
+    tokens are not exactly one CLS; and for a processor other than `LlavaProcessor`.
     """
     if isinstance(llava, (str, os.PathLike)):
         with loading_from(str(llava), "llava"):
@@ -158,12 +158,16 @@ def from_llava(
     # hf_vlm's towers take one image size and give image_seq_length tokens per image, which LlavaProcessor makes.
     # Pixtral (a Llava with a pixtral tower and PixtralProcessor) takes images of varying size, with a break token
     # after each row of patches; it has no hf_vlm form.
-    if not isinstance(processor, LlavaProcessor) or source.vision_config.model_type == "pixtral":
+    if source.vision_config.model_type == "pixtral":
         raise ValueError(
-            f"Cannot express this Llava in hf_vlm: its processor is {type(processor).__name__} and its tower "
-            f"{source.vision_config.model_type!r}. hf_vlm converts a Llava whose LlavaProcessor resizes every image "
-            "to one size (a ViT-style tower such as CLIP or SigLIP); Pixtral's images of varying size have no hf_vlm "
-            "form."
+            "Cannot express this Llava in hf_vlm: its 'pixtral' tower takes images of varying size (a break token "
+            "after each row of patches), and hf_vlm's towers take one size. A Llava over a ViT-style tower such as "
+            "CLIP or SigLIP converts."
+        )
+    if not isinstance(processor, LlavaProcessor):
+        raise ValueError(
+            f"from_llava needs the checkpoint's LlavaProcessor, got {type(processor).__name__}: hf_vlm's processor "
+            "is made from its image processor, tokenizer and chat template."
         )
     if source.projector_hidden_act != "gelu" or not source.multimodal_projector_bias:
         raise ValueError(
