@@ -236,9 +236,10 @@ def check_before_training(
         prompt=prompt,
         seed=seed,
     )
+    markdown = report.to_markdown()
     if main_process:
-        print(report.to_markdown())
-    lines = [line for line in report.to_markdown().splitlines() if line.startswith("- **blocking**")]
+        print(markdown)
+    lines = [line for line in markdown.splitlines() if line.startswith("- **blocking**")]
     if lines:
         raise BlockingFindingsError("the dataset doctor found what would waste or break the run:\n" + "\n".join(lines))
     return report
