@@ -47,7 +47,8 @@ def test_generation_benchmark_quick_reports_both_models_and_one_tower_call(tmp_p
 
 
 def test_throughput_llava_tables_run_on_a_tiny_lm():
-    """Both settings give a table of Llava, hf_vlm on pixels and on cached features, Llava first (the 1.00x row)."""
+    """Both settings give a table of Llava, hf_vlm on pixels and on cached features (a smoke test: the Llava is
+    to_llava's copy of the weights, which tests/test_convert.py checks)."""
     from transformers import LlamaConfig
 
     throughput = load("throughput")
@@ -67,5 +68,5 @@ def test_throughput_llava_tables_run_on_a_tiny_lm():
             "hf_vlm, pixels",
             "hf_vlm, cached vision features",
         ]
-        assert rows[0]["ratio"] == 1.0 and all(row["samples_per_s"] > 0 for row in rows)
+        assert all(row["samples_per_s"] > 0 for row in rows)
         assert all(row["variant"] in markdown for row in rows)
