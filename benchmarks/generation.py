@@ -1,7 +1,7 @@
 """Generation speed and memory: hf_vlm against Llava built from the same sub-configs, with the same weights.
 
-    python benchmarks/generation.py                  # the committed run: 15 repetitions, 10 min on 2 quiet CPU cores
-    python benchmarks/generation.py --quick          # tiny random backbones, seconds (a test runs it)
+    python benchmarks/generation.py              # the committed run: 16 repetitions, ~11 min on 2 quiet CPU cores
+    python benchmarks/generation.py --quick      # tiny random backbones, seconds (a test runs it)
 
 The default size is a random SigLIP tower shaped like siglip-base-patch16-224 (196 patches at 224 px) and a
 random Llama LM with SmolLM2-135M's sizes, the `mlp` projector, built from configs here (no Hub, no downloads).
@@ -11,7 +11,8 @@ The demo's CNN tower has no Llava form, so it is not used. Llava is made by `hf_
 - `generate`: greedy, exactly 64 new tokens (`min_new_tokens=64`), at batch 1 and batch 8; new tokens/s of the
   whole call (tower, prefill and decoding). Time to first token: `generate` with `max_new_tokens=1`, batch 1.
   One warm-up call each, then hf_vlm and Llava alternate in every repetition (machine drift hits both), who goes
-  first alternating between repetitions; medians, with the (min-max) of each and of the ratio within a repetition.
+  first alternating between repetitions (an even --repeats gives each the lead equally often); each model's
+  median with its (min-max), and as the ratio the median of the paired ratios within repetitions, with theirs.
 - Vision-tower calls per `generate` call: a forward hook on each model's `vision_tower`, counted in every timed call.
 - Peak memory: the most bytes of torch tensors alive at once during one call, above what was alive before it,
   from `torch.profiler`'s memory events (every allocation and free of the CPU allocator, in time order); on CUDA,
@@ -260,21 +261,25 @@ ROWS = (
 def report_table(results: dict) -> tuple[str, dict]:
     """The Markdown table and the ratios hf_vlm / Llava (above 1 is better for throughput, below 1 for the rest).
 
-    A timed row gives its median with the (min-max) over repetitions, and beside the ratio of medians the (min-max) of
-    the ratios within each repetition, where hf_vlm and Llava ran back to back."""
+    A timed row gives each model's median with its (min-max) over repetitions, and as the ratio the median of the
+    ratios within each repetition, where hf_vlm and Llava ran back to back, with their (min-max). A memory row is
+    measured once: its ratio is of the two values."""
     ours, llava = results["hf_vlm"], results["Llava"]
-    ratios = {key: ours[key] / llava[key] for _, key, _, _ in ROWS}
+    ratios = {}
     lines = ["| | hf_vlm | Llava | hf_vlm / Llava |", "|---|---:|---:|---:|"]
     for label, key, fmt, higher_better in ROWS:
         better = "higher is better" if higher_better else "lower is better"
-        cells = [fmt.format(ours[key]), fmt.format(llava[key]), f"{ratios[key]:.2f}"]
+        cells = [fmt.format(ours[key]), fmt.format(llava[key])]
         if key in REPEATED:
             seconds, value = REPEATED[key]
             per_run = [[value(t) for t in r["seconds_per_repetition"][seconds]] for r in (ours, llava)]
             paired = [a / b for a, b in zip(*per_run, strict=True)]
-            for i, values in enumerate([*per_run, paired]):
-                low, high = min(values), max(values)
-                cells[i] += f" ({low:.2f}-{high:.2f})" if i == 2 else f" ({fmt.format(low)}-{fmt.format(high)})"
+            ratios[key] = statistics.median(paired)
+            cells = [f"{cell} ({fmt.format(min(v))}-{fmt.format(max(v))})" for cell, v in zip(cells, per_run)]
+            cells.append(f"{ratios[key]:.2f} ({min(paired):.2f}-{max(paired):.2f})")
+        else:
+            ratios[key] = ours[key] / llava[key]
+            cells.append(f"{ratios[key]:.2f}")
         lines.append(f"| {label} ({better}) | " + " | ".join(cells) + " |")
     calls = [", ".join(map(str, r["vision_tower_calls_per_generate"])) for r in (ours, llava)]
     lines.append(f"| vision-tower calls per generate call | {calls[0]} | {calls[1]} | |")
@@ -283,7 +288,7 @@ def report_table(results: dict) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="tiny random backbones, for a smoke test")
     parser.add_argument("--output_dir", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -308,8 +313,8 @@ def main(argv: list[str] | None = None):
     report = (
         f"# Generation: hf_vlm against Llava\n\n`{command}` on {machine}; fp32; {size}; Llava has a copy of hf_vlm's "
         f"weights; greedy, exactly {NEW_TOKENS} new tokens; medians of {args.repeats} interleaved repetitions; peak "
-        f"memory above the weights and inputs, from {memory}; (min-max) over repetitions. Both generated the same "
-        f"tokens (batch 8): "
+        f"memory above the weights and inputs, from {memory}; (min-max) over repetitions; the ratio of a timed row is "
+        f"the median of the repetitions' paired ratios. Both generated the same tokens (batch 8): "
         f"{'yes' if identical else 'no'}.\n\n{table}"
     )
     print(report)
