@@ -1,6 +1,6 @@
 """Generation speed and memory: hf_vlm against Llava built from the same sub-configs, with the same weights.
 
-    python benchmarks/generation.py              # the committed run: 16 repetitions, ~11 min on 2 quiet CPU cores
+    python benchmarks/generation.py              # the committed run: 16 repetitions, 10 min on 2 quiet CPU cores
     python benchmarks/generation.py --quick      # tiny random backbones, seconds (a test runs it)
 
 The default size is a random SigLIP tower shaped like siglip-base-patch16-224 (196 patches at 224 px) and a
