@@ -190,6 +190,15 @@ def training_batch(model, batch_size: int) -> dict:
     return batch
 
 
+# The rows measured in every repetition: the timed call whose seconds they come from, and how seconds become the
+# row's value.
+REPEATED = {
+    "tokens_per_s_batch_1": ("generate_batch_1", lambda s: NEW_TOKENS / s),
+    "tokens_per_s_batch_8": ("generate_batch_8", lambda s: 8 * NEW_TOKENS / s),
+    "time_to_first_token_s": ("time_to_first_token", lambda s: s),
+}
+
+
 def measure(models: dict, repeats: int, device: str) -> dict:
     """Per model: medians of interleaved repetitions, tower calls per `generate`, peak memory; and whether both
     generated the same tokens at batch 8."""
@@ -211,43 +220,33 @@ def measure(models: dict, repeats: int, device: str) -> dict:
     batches = {(name, b): inputs(model, b) for name, model in models.items() for b in (1, 8)}
     for name, model in models.items():  # warm-up
         generate(model, batches[name, 1], 2)
-    times = {(name, what): [] for name in models for what in ("ttft", "gen 1", "gen 8")}
-    calls = [("ttft", 1, 1), ("gen 1", 1, NEW_TOKENS), ("gen 8", 8, NEW_TOKENS)]
+    calls = [("time_to_first_token", 1, 1), ("generate_batch_1", 1, NEW_TOKENS), ("generate_batch_8", 8, NEW_TOKENS)]
+    times = {(name, what): [] for name in models for what, _, _ in calls}
     progress = tqdm(total=repeats * len(calls) * len(models), desc="timed generate calls")
     for repetition in range(repeats):
         # Who goes first alternates (ABBA), so a call's effect on the next (caches, clocks) falls on both alike.
         order = list(models.items())[:: 1 if repetition % 2 == 0 else -1]
         for what, batch_size, new_tokens in calls:
             for name, model in order:
-                progress.update()
                 batch = batches[name, batch_size]
                 times[name, what].append(counted(name, what, lambda: generate(model, batch, new_tokens)))  # noqa: B023
+                progress.update()
 
     results = {}
     for name, model in models.items():
         train = training_batch(model, 8)
         results[name] = {
-            "tokens_per_s_batch_1": NEW_TOKENS / statistics.median(times[name, "gen 1"]),
-            "tokens_per_s_batch_8": 8 * NEW_TOKENS / statistics.median(times[name, "gen 8"]),
-            "time_to_first_token_s": statistics.median(times[name, "ttft"]),
+            **{key: value(statistics.median(times[name, what])) for key, (what, value) in REPEATED.items()},
             "train_step_peak_mib": peak_bytes(lambda: train_step(model, train), device) / 2**20,  # noqa: B023
             "generate_peak_mib": peak_bytes(lambda: generate(model, batches[name, 1], NEW_TOKENS), device) / 2**20,  # noqa: B023
             "vision_tower_calls_per_generate": sorted(set(tower_calls[name])),
-            "seconds_per_repetition": {SECONDS[what]: times[name, what] for what in SECONDS},
+            "seconds_per_repetition": {what: times[name, what] for what, _, _ in calls},
         }
     progress.close()
     # The same weights, greedy: the same tokens, unless rounding flips a near-tie.
-    same_tokens = torch.equal(*(outputs[name, "gen 8"] for name in models))
+    same_tokens = torch.equal(*(outputs[name, "generate_batch_8"] for name in models))
     return results, same_tokens
 
-
-SECONDS = {"ttft": "time_to_first_token", "gen 1": "generate_batch_1", "gen 8": "generate_batch_8"}
-# The rows measured in every repetition: the key of their seconds, and how seconds become the row's value.
-REPEATED = {
-    "tokens_per_s_batch_1": ("generate_batch_1", lambda s: NEW_TOKENS / s),
-    "tokens_per_s_batch_8": ("generate_batch_8", lambda s: 8 * NEW_TOKENS / s),
-    "time_to_first_token_s": ("time_to_first_token", lambda s: s),
-}
 
 ROWS = (
     ("generate, batch 1, new tokens / s", "tokens_per_s_batch_1", "{:.1f}", True),
