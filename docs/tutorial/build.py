@@ -92,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="Only check that the committed notebooks are current.")
     args = parser.parse_args(argv)
     if args.check:
-        for path in stale():
+        paths = stale()
+        for path in paths:
             print(f"{path} differs from {SOURCE}: run python docs/tutorial/build.py", file=sys.stderr)
-        return 1 if stale() else 0
+        return 1 if paths else 0
     for language, path in EDITIONS.items():
         notebook = edition(language)
         if args.execute:
