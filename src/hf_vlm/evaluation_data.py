@@ -7,8 +7,9 @@ A source is "easy_vqa" (its test split, the default), another name the training 
 `hf_vlm.data.sources` reads: a LLaVA, TRL, the_cauldron or caption-row JSON / JSONL file, a `save_to_disk` folder,
 a folder of data files or a Hub id, in the conversation or the caption shape. Of the names, the easy-VQA ones read
 `split` (default "test", never trained on); "synthetic" renders `limit` scenes from `seed`, the same scenes as a
-training run with that seed (stage 1 uses 0, so evaluate with another); "emoji" has no held-out split. Rows come out in the conversation shape plus `answers` (the references, a list of
-strings) and `question_type` (None where the source has none).
+training run with that seed (stage 1 uses 0, so evaluate with another); "emoji" has no held-out split. Rows come
+out in the conversation shape plus `answers` (the references, a list of strings) and `question_type` (None where the
+source has none).
 
 Each conversation is asked its last assistant turn: the prompt is every turn before it (earlier answers included),
 the reference is that turn's text, or the row's `answers` column where the source has one (VQA's ten annotators,
@@ -64,9 +65,11 @@ def evaluation_dataset(
         _references(sample_id, given.get(sample_id), messages)
         for sample_id, messages in zip(dataset["id"], dataset["messages"])
     ]
-    types = columns.get("question_type", {})
+    given_types = columns.get("question_type", {})
     types = (
-        dataset["question_type"] if "question_type" in dataset.column_names else [types.get(i) for i in dataset["id"]]
+        dataset["question_type"]
+        if "question_type" in dataset.column_names
+        else [given_types.get(i) for i in dataset["id"]]
     )
     dataset = dataset.select_columns(list(CONVERSATION_FEATURES))  # easy-VQA's `answer`, stage 2's `length` go
     dataset = dataset.add_column("answers", answers, feature=List(Value("string")))
