@@ -1,6 +1,7 @@
 """lmms-eval's run of the local easy-VQA task (docs/lmms_eval/) on a tiny saved model equals hf_vlm's own evaluation.
 
-Needs lmms-eval, which hf_vlm does not depend on (its own venv, docs/lmms_eval.md); skipped where it is missing.
+Needs lmms-eval, which hf_vlm does not depend on; skipped where it is missing. CI runs it in a venv layered over the
+project's (docs/lmms_eval/layered_venv.sh, docs/lmms_eval.md).
 """
 
 import importlib.util
@@ -51,9 +52,11 @@ def test_lmms_eval_accuracy_equals_hf_vlm_evaluation(built, tmp_path):
     command += ["--output_path", str(tmp_path / "out"), "--log_samples"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=800)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-
-    (results_file,) = (tmp_path / "out").rglob("*_results.json")
+    output = result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0, output
+    results_files = list((tmp_path / "out").rglob("*_results.json"))
+    assert len(results_files) == 1, output
+    (results_file,) = results_files
     accuracy = json.loads(results_file.read_text())["results"]["easy_vqa_hf_vlm"]["vqa_accuracy,none"]
     (samples_file,) = (tmp_path / "out").rglob("*_samples_easy_vqa_hf_vlm.jsonl")
     samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])

@@ -4,13 +4,31 @@
         --model_args pretrained=runs/demo/model,device=cpu,device_map=cpu \
         --tasks easy_vqa_hf_vlm --include_path docs/lmms_eval --batch_size 1 --output_path runs/lmms_eval/out
 
-All flags are lmms-eval's own (`python -m lmms_eval --help`).
+All flags are lmms-eval's own (`python -m lmms_eval --help`). One difference: where lmms-eval logs a failed
+evaluation and exits 0 (below `--verbosity DEBUG`), this exits 1.
 """
 
-from lmms_eval.__main__ import cli_evaluate
+import sys
+
+import lmms_eval.__main__ as lmms_main
 from lmms_eval.models import MODEL_REGISTRY_V2
 from lmms_eval.models.registry_v2 import ModelManifest
 
+failures = []
+evaluate_one = lmms_main.cli_evaluate_single
+
+
+def evaluate_one_and_record(args):
+    """lmms-eval's per-config evaluation, remembering that it raised (cli_evaluate catches and logs it)."""
+    try:
+        return evaluate_one(args)
+    except Exception:
+        failures.append(args.tasks)
+        raise
+
+
 if __name__ == "__main__":
     MODEL_REGISTRY_V2.register_manifest(ModelManifest(model_id="hf_vlm", chat_class_path="hf_vlm_model.HfVlm"))
-    cli_evaluate()
+    lmms_main.cli_evaluate_single = evaluate_one_and_record
+    lmms_main.cli_evaluate()
+    sys.exit(1 if failures else 0)
