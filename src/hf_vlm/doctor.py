@@ -224,7 +224,10 @@ def check_before_training(
     prompt: str = DEFAULT_CAPTION_PROMPT,
 ) -> Report:
     """The training scripts' `--doctor true`: audit what the run would train on, print the report on the main process,
-    and raise `BlockingFindingsError` (listing the blocking findings) before any trainer exists."""
+    and raise `BlockingFindingsError` (listing the blocking findings) before any trainer exists.
+
+    Under torchrun every rank audits the same data, so every rank stops on the same findings without a collective;
+    only the main process shows the progress bar and the report."""
     report = audit(
         data_args.dataset,
         processor,
@@ -235,6 +238,7 @@ def check_before_training(
         limit=data_args.max_samples,
         prompt=prompt,
         seed=seed,
+        progress=main_process,
     )
     markdown = report.to_markdown()
     if main_process:
