@@ -28,11 +28,28 @@ def load_export():
     return module.export
 
 
+def run_lmms_eval(model_folder, tasks_folder, tmp_path) -> tuple[int, str]:
+    """`docs/lmms_eval/run.py` on the task in `tasks_folder`, offline: its exit status and the tail of its output."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (an optional tool; see docs/lmms_eval.md)")
+    command = [sys.executable, str(TASK_FOLDER / "run.py"), "--model", "hf_vlm"]
+    command += ["--model_args", f"pretrained={model_folder},device=cpu,device_map=cpu"]
+    command += ["--tasks", "easy_vqa_hf_vlm", "--include_path", str(tasks_folder), "--batch_size", "4"]
+    command += ["--output_path", str(tmp_path / "out"), "--log_samples"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=800)
+    return result.returncode, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def only_file(folder: Path, pattern: str, output: str) -> Path:
+    files = list(folder.rglob(pattern))
+    assert len(files) == 1, f"{len(files)} files {pattern} under {folder}; lmms-eval printed:\n{output}"
+    return files[0]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_lmms_eval_accuracy_equals_hf_vlm_evaluation(built, tmp_path):
     """Offline, lmms-eval's answers to the local task and their VQA accuracy equal hf_vlm's generate_answers'."""
-    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (an optional tool; see docs/lmms_eval.md)")
     model, processor = built
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
@@ -46,19 +63,11 @@ def test_lmms_eval_accuracy_equals_hf_vlm_evaluation(built, tmp_path):
     task = task.replace("dataset_path: runs/lmms_eval/easy_vqa_test", f"dataset_path: {tmp_path / 'data'}")
     (tasks / "easy_vqa_hf_vlm.yaml").write_text(task)
 
-    command = [sys.executable, str(TASK_FOLDER / "run.py"), "--model", "hf_vlm"]
-    command += ["--model_args", f"pretrained={tmp_path / 'model'},device=cpu,device_map=cpu"]
-    command += ["--tasks", "easy_vqa_hf_vlm", "--include_path", str(tasks), "--batch_size", "4"]
-    command += ["--output_path", str(tmp_path / "out"), "--log_samples"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=800)
-    output = result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.returncode == 0, output
-    results_files = list((tmp_path / "out").rglob("*_results.json"))
-    assert len(results_files) == 1, output
-    (results_file,) = results_files
+    returncode, output = run_lmms_eval(tmp_path / "model", tasks, tmp_path)
+    assert returncode == 0, output
+    results_file = only_file(tmp_path / "out", "*_results.json", output)
     accuracy = json.loads(results_file.read_text())["results"]["easy_vqa_hf_vlm"]["vqa_accuracy,none"]
-    (samples_file,) = (tmp_path / "out").rglob("*_samples_easy_vqa_hf_vlm.jsonl")
+    samples_file = only_file(tmp_path / "out", "*_samples_easy_vqa_hf_vlm.jsonl", output)
     samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
     assert len(samples) == NUM_QUESTIONS
 
@@ -71,3 +80,13 @@ def test_lmms_eval_accuracy_equals_hf_vlm_evaluation(built, tmp_path):
     assert [sample["vqa_accuracy"] for sample in samples] == scores
     assert accuracy == pytest.approx(sum(scores) / len(scores), abs=1e-12)
     assert [postprocess_answer(sample["filtered_resps"]) for sample in samples] == predictions
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_run_py_exits_1_where_lmms_eval_logs_a_failed_evaluation_and_exits_0(tmp_path):
+    """A model folder that does not exist: lmms-eval catches the load error and logs it; run.py's status says so."""
+    returncode, output = run_lmms_eval(tmp_path / "no-such-model", TASK_FOLDER, tmp_path)
+    assert "Error during evaluation" in output, output
+    assert returncode == 1, output
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,7 @@
         --tasks easy_vqa_hf_vlm --include_path docs/lmms_eval --batch_size 1 --output_path runs/lmms_eval/out
 
 All flags are lmms-eval's own (`python -m lmms_eval --help`). One difference: where lmms-eval logs a failed
-evaluation and exits 0 (below `--verbosity DEBUG`), this exits 1.
+evaluation and exits 0 (at every `--verbosity` but DEBUG, where it re-raises), this exits 1.
 """
 
 import sys
