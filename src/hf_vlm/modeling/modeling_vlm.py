@@ -10,6 +10,8 @@ e.g. from `hf_vlm.feature_cache` while the tower is frozen; only the projector r
 `mm_encoder_outputs` (image tokens `get_image_features` already made; `generate` passes these).
 """
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
@@ -429,6 +431,13 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
         )
+
+    # `generate` asks for `inspect.signature(self.forward)` at every decode step of a model registered for remote code
+    # (its check for the old `cache_position` argument), and ours is registered so that checkpoints load without
+    # hf_vlm. inspect otherwise rebuilds it through the two decorators each time; precomputed, it is the same
+    # signature at a fifth of the cost (0.045 -> 0.009 ms here), which on benchmarks/generation.py's tiny --quick
+    # model took generate's throughput from 0.94x Llava's to 1.00x.
+    forward.__signature__ = inspect.signature(forward)
 
 
 __all__ = ["VLMPreTrainedModel", "VLMModel", "VLMForConditionalGeneration"]
