@@ -28,9 +28,14 @@ def load_export():
     return module.export
 
 
+@pytest.fixture
+def lmms_eval_installed():
+    """Skips the test, before it builds anything, where lmms-eval is missing."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (an optional tool; see docs/lmms_eval.md)")
+
+
 def run_lmms_eval(model_folder, tasks_folder, tmp_path) -> tuple[int, str]:
     """`docs/lmms_eval/run.py` on the task in `tasks_folder`, offline: its exit status and the tail of its output."""
-    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (an optional tool; see docs/lmms_eval.md)")
     command = [sys.executable, str(TASK_FOLDER / "run.py"), "--model", "hf_vlm"]
     command += ["--model_args", f"pretrained={model_folder},device=cpu,device_map=cpu"]
     command += ["--tasks", "easy_vqa_hf_vlm", "--include_path", str(tasks_folder), "--batch_size", "4"]
@@ -48,7 +53,7 @@ def only_file(folder: Path, pattern: str, output: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_lmms_eval_accuracy_equals_hf_vlm_evaluation(built, tmp_path):
+def test_lmms_eval_accuracy_equals_hf_vlm_evaluation(lmms_eval_installed, built, tmp_path):
     """Offline, lmms-eval's answers to the local task and their VQA accuracy equal hf_vlm's generate_answers'."""
     model, processor = built
     model.save_pretrained(tmp_path / "model")
@@ -84,7 +89,7 @@ def test_lmms_eval_accuracy_equals_hf_vlm_evaluation(built, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_run_py_exits_1_where_lmms_eval_logs_a_failed_evaluation_and_exits_0(tmp_path):
+def test_run_py_exits_1_where_lmms_eval_logs_a_failed_evaluation_and_exits_0(lmms_eval_installed, tmp_path):
     """A model folder that does not exist: lmms-eval catches the load error and logs it; run.py's status says so."""
     returncode, output = run_lmms_eval(tmp_path / "no-such-model", TASK_FOLDER, tmp_path)
     assert "Error during evaluation" in output, output
